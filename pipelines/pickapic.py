@@ -1,0 +1,769 @@
+"""Read Pick-a-Pic-schema data and turn its rows into validated, canonical preference pairs.
+
+Pure functions over pyarrow / PIL (no Ray): ``pipelines.latent_cache`` calls them inside Ray Data tasks,
+one ``Fragment`` (a slice of rows of one input file) at a time::
+
+    fragments = resolve_source("/data/pickapic_v2", split="train", rows_per_fragment=256)
+    for fragment in fragments:  # in latent_cache: one Ray task per fragment
+        pairs, quarantine = validate_and_canonicalize(fragment.read(), fragment, tie_policy="drop")
+
+Sources (``resolve_source``):
+
+* a ``.parquet`` file, a directory (recursively every ``*.parquet`` and ``*.tar`` file, sorted, hidden
+  files skipped, filtered by ``split`` -- see ``split_matches``), or a glob (``"/d/*.parquet"``, explicit:
+  no split filter);
+* webdataset ``.tar`` shards (file, directory or glob), see "Webdataset layout" below;
+* a hub dataset id ``owner/name`` (anything that is not an existing path and looks like one), loaded with
+  ``datasets.load_dataset(id, split=split)``. The Pick-a-Pic hub copy has been offline since 2025: prefer
+  a local mirror.
+
+Every required column is checked from metadata (parquet footer, tar member names) before any work; a
+missing one raises ``MissingColumnError``. Rows are then checked one by one; a bad row is never fatal, it
+goes to the quarantine table with a reason from ``schema.QUARANTINE_REASONS``.
+
+Webdataset layout (one sample = consecutive tar members sharing a key; the key is the member path up to
+the first dot of its base name, the rest is the field, as in the webdataset convention)::
+
+    000042.jpg_0                    image bytes of image 0 (any format Pillow reads)      required
+    000042.jpg_1                    image bytes of image 1                                required
+    000042.caption.txt              UTF-8 caption (also: .caption, .txt)                  required*
+    000042.label_0.txt              label text, e.g. "1", "0.5" (also: .label_0)          required*
+    000042.label_1.txt              (also: .label_1)                                      required*
+    000042.json                     optional JSON object with any Pick-a-Pic column; fields given as
+                                    separate members win over the same key in the JSON
+
+    (*) or given in the .json. Other members (.cls, .png, ...) are ignored. Members of one sample must be
+    consecutive (webdataset's own rule); a key that reappears later raises.
+
+Tars are read with ``tarfile`` in random-access mode: iterating members reads headers and seeks over the
+data of samples before the fragment, so a fragment reads only its own image bytes. Plain ``.tar`` only.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile
+
+from pipelines.schema import (
+    PAIR_SCHEMA,
+    PICKAPIC_OPTIONAL,
+    PICKAPIC_REQUIRED,
+    QUARANTINE_REASONS,
+    QUARANTINE_SCHEMA,
+    make_hub_source_key,
+    make_pair_id,
+    make_source_key,
+    pair_rng,
+)
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["parquet", "webdataset", "hub"]
+TiePolicy = Literal["drop", "random", "keep"]
+SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
+TIE_POLICIES: tuple[str, ...] = get_args(TiePolicy)
+
+DATA_SUFFIXES = {".parquet": "parquet", ".tar": "webdataset"}
+LABEL_SUM_TOL = 1e-6
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # 16.8 MP; Pick-a-Pic images are 512-768 px a side
+DEFAULT_MAX_CAPTION_CHARS = 2000  # catches garbage; CLIP itself truncates at 77 tokens (~300 chars)
+DEFAULT_MIN_IMAGE_SIDE = 8
+
+_ALL_COLUMNS = PICKAPIC_REQUIRED + PICKAPIC_OPTIONAL
+_REASON_RANK = {reason: rank for rank, reason in enumerate(QUARANTINE_REASONS)}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_HF_SHARD = re.compile(r"^(?P<split>\w+?)-\d{5}-of-\d{5}")  # "train-00000-of-00645.parquet"
+
+
+class MissingColumnError(ValueError):
+    """A required Pick-a-Pic column is absent from an input file (raised before any row is processed)."""
+
+    def __init__(self, missing: list[str], source: str, found: list[str]):
+        self.missing, self.source, self.found = missing, source, found
+        super().__init__(
+            f"{source}: missing required column(s) {missing}; required {list(PICKAPIC_REQUIRED)}, "
+            f"found {found}"
+        )
+
+
+class SourceNotFoundError(FileNotFoundError):
+    """No data could be found for a source (empty directory, glob without matches, hub unreachable)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fragments
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """Rows ``[start, stop)`` of one input: a parquet file, a webdataset tar, or a hub dataset split.
+
+    ``source`` is the absolute file path (or the hub id), ``source_key`` its ``schema.make_source_key``,
+    ``split`` the hub split (None for files). Fragments are small, picklable values: Ray ships them to
+    the tasks that read them.
+    """
+
+    source: str
+    kind: SourceKind
+    start: int
+    stop: int
+    source_key: str
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"Fragment.kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
+        if not 0 <= self.start <= self.stop:
+            raise ValueError(f"Fragment needs 0 <= start <= stop, got [{self.start}, {self.stop})")
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+    def pair_id(self, i: int) -> str:
+        """Pair id of the fragment's i-th row (row ``start + i`` of the source)."""
+        return make_pair_id(self.source_key, self.start + i)
+
+    def read(self) -> pa.Table:
+        """Rows ``[start, stop)`` in Pick-a-Pic column names: the required columns and whichever optional
+        ones the source has. Image columns are binary; labels keep the source's type (float, int, or
+        string for a webdataset label that is not a number)."""
+        if self.kind == "parquet":
+            table = _read_parquet_rows(self.source, self.start, self.stop)
+        elif self.kind == "webdataset":
+            table = _read_tar_rows(self.source, self.start, self.stop)
+        else:
+            table = _read_hub_rows(self.source, self.split, self.start, self.stop)
+        return _normalize_image_columns(table)
+
+
+def _present_columns(names: Iterable[str]) -> list[str]:
+    """Required + optional Pick-a-Pic columns present in ``names``, in canonical order."""
+    present = set(names)
+    return [c for c in _ALL_COLUMNS if c in present]
+
+
+def _read_parquet_rows(path: str, start: int, stop: int) -> pa.Table:
+    """Read only the row groups that overlap ``[start, stop)`` and only the Pick-a-Pic columns."""
+    pf = pq.ParquetFile(path)
+    check_columns(pf.schema_arrow, path)
+    columns = _present_columns(pf.schema_arrow.names)
+    groups, first_row, offset = [], 0, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            if not groups:
+                first_row = offset
+            groups.append(g)
+        offset += n
+    if stop > offset:
+        raise ValueError(f"{path}: rows [{start}, {stop}) requested but the file has {offset} rows")
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns)
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - first_row, stop - start)
+
+
+def _normalize_image_columns(table: pa.Table) -> pa.Table:
+    """HF ``Image`` features are stored as struct<bytes, path>: keep the bytes."""
+    for name in ("jpg_0", "jpg_1"):
+        if name in table.column_names and pa.types.is_struct(table.schema.field(name).type):
+            col = table.column(name).combine_chunks()
+            table = table.set_column(table.column_names.index(name), name, col.field("bytes"))
+    return table
+
+
+# --- webdataset ------------------------------------------------------------------------------------------
+
+_WDS_FIELDS = {
+    "jpg_0": "jpg_0",
+    "jpg_1": "jpg_1",
+    "caption": "caption",
+    "caption.txt": "caption",
+    "txt": "caption",
+    "label_0": "label_0",
+    "label_0.txt": "label_0",
+    "label_1": "label_1",
+    "label_1.txt": "label_1",
+    "json": "json",
+}
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """``"shard/000042.label_0.txt"`` -> (key ``"shard/000042"``, field ext ``"label_0.txt"``)."""
+    dirname, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(dirname, stem), ext
+
+
+def _iter_tar_samples(tf: tarfile.TarFile, path: str) -> Iterator[tuple[int, tarfile.TarInfo, str]]:
+    """Yield ``(sample_index, member, field)`` for every recognised member, in tar order."""
+    index, current, seen = -1, None, set()
+    for member in tf:
+        if not member.isfile():
+            continue
+        key, ext = _split_member_name(member.name)
+        field = _WDS_FIELDS.get(ext)
+        if field is None:
+            continue
+        if key != current:
+            if key in seen:
+                raise ValueError(f"{path}: members of sample {key!r} are not consecutive in the tar")
+            seen.add(key)
+            index, current = index + 1, key
+        yield index, member, field
+
+
+def _scan_tar(path: str) -> tuple[int, list[str]]:
+    """Number of samples and the Pick-a-Pic fields found (member names + the keys of the first .json)."""
+    fields: set[str] = set()
+    num_samples, json_seen = 0, False
+    with tarfile.open(path, "r:") as tf:
+        for index, member, field in _iter_tar_samples(tf, path):
+            num_samples = index + 1
+            if field == "json" and not json_seen:
+                json_seen = True
+                fields.update(k for k in json.loads(tf.extractfile(member).read()) if k in _ALL_COLUMNS)
+            elif field != "json":
+                fields.add(field)
+    return num_samples, sorted(fields)
+
+
+def _read_tar_rows(path: str, start: int, stop: int) -> pa.Table:
+    records: list[dict[str, Any]] = []
+    with tarfile.open(path, "r:") as tf:
+        for index, member, field in _iter_tar_samples(tf, path):
+            if index >= stop:
+                break
+            if index < start:
+                continue  # only the header was read; tarfile seeks over the data
+            if index - start == len(records):
+                records.append({})
+            record, data = records[-1], tf.extractfile(member).read()
+            if field == "json":
+                for k, v in json.loads(data).items():
+                    if k in _ALL_COLUMNS:
+                        record.setdefault(k, v)  # a separate member wins over the JSON
+            elif field in ("jpg_0", "jpg_1"):
+                record[field] = data
+            else:
+                text = data.decode("utf-8", errors="replace")
+                record[field] = text.rstrip("\r\n") if field == "caption" else text.strip()
+    if len(records) != stop - start:
+        raise ValueError(f"{path}: rows [{start}, {stop}) requested but the tar has fewer samples")
+    return _records_to_table(records)
+
+
+def _records_to_table(records: list[dict[str, Any]]) -> pa.Table:
+    """Required columns always (null where a sample lacks a field), optional ones when any sample has them."""
+    data: dict[str, pa.Array] = {
+        "caption": pa.array([r.get("caption") for r in records], pa.string()),
+        "jpg_0": pa.array([r.get("jpg_0") for r in records], pa.binary()),
+        "jpg_1": pa.array([r.get("jpg_1") for r in records], pa.binary()),
+        "label_0": _label_array([r.get("label_0") for r in records]),
+        "label_1": _label_array([r.get("label_1") for r in records]),
+    }
+    for name in PICKAPIC_OPTIONAL:
+        if any(name in r for r in records):
+            values = [r.get(name) for r in records]
+            try:
+                data[name] = pa.array(values)
+            except (pa.ArrowException, TypeError, ValueError):
+                data[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.table(data)
+
+
+def _label_array(values: list[Any]) -> pa.Array:
+    """float64 when every non-null value parses as a number, else the raw values as strings."""
+    parsed = [_label_value(v) for v in values]
+    if all(p is not None or v is None for p, v in zip(parsed, values)):
+        return pa.array(parsed, pa.float64())
+    return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+# --- hub -------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hub(dataset_id: str, split: str) -> Any:
+    """``datasets.load_dataset(dataset_id, split=split)``, memoised per process (the data is on disk)."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(dataset_id, split=split, streaming=False)
+    except Exception as e:
+        raise SourceNotFoundError(
+            f"{dataset_id!r} is not a local path, and loading it as a hub dataset (split={split!r}) failed: "
+            f"{type(e).__name__}: {e}. The Pick-a-Pic hub copy has been offline since 2025: pass a local "
+            "parquet file, directory or glob, or webdataset .tar shards."
+        ) from e
+
+
+def _read_hub_rows(dataset_id: str, split: str | None, start: int, stop: int) -> pa.Table:
+    ds = _load_hub(dataset_id, split or "train")
+    table = ds.with_format("arrow")[start:stop]
+    return table.select(_present_columns(table.column_names))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolving a source into fragments
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_columns(schema_or_names: pa.Schema | pa.Table | Iterable[str], source: str) -> None:
+    """Raise ``MissingColumnError`` naming every missing required column and the ``source``."""
+    if isinstance(schema_or_names, pa.Table):
+        schema_or_names = schema_or_names.schema
+    names = list(schema_or_names.names if isinstance(schema_or_names, pa.Schema) else schema_or_names)
+    missing = [c for c in PICKAPIC_REQUIRED if c not in names]
+    if missing:
+        raise MissingColumnError(missing, str(source), sorted(names))
+
+
+def split_matches(path: Path, root: Path, split: str) -> bool:
+    """Whether a file under ``root`` belongs to ``split``.
+
+    True when its name starts with ``<split>`` + one of ``-_.`` + a digit (HF shards
+    ``train-00000-of-00645.parquet``, webdataset ``train-000001.tar``), its stem is ``<split>``
+    (``train.parquet``), or a directory between ``root`` and the file is named ``<split>``
+    (``train/part-0.parquet``). ``validation`` does not match ``validation_unique-00000-of-00001``.
+    """
+    rel = path.relative_to(root)
+    if re.match(rf"{re.escape(split)}[-_.]\d", rel.name) or path.stem == split:
+        return True
+    return split in rel.parts[:-1]
+
+
+def _filter_split(files: list[Path], root: Path, split: str) -> list[Path]:
+    """Files of ``split``. When none match: an error if the files are HF-style split shards (the split is
+    simply absent), else (ad-hoc names like ``pairs.parquet``) every file, with a warning."""
+    selected = [f for f in files if split_matches(f, root, split)]
+    if selected:
+        return selected
+    splits = sorted({m["split"] for f in files if (m := _HF_SHARD.match(f.name))})
+    if splits:
+        raise SourceNotFoundError(f"{root}: no files of split {split!r}; splits present: {splits}")
+    logger.warning("%s: no file name mentions split %r; reading all %d files", root, split, len(files))
+    return files
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _match_files(source: str, split: str | None) -> list[Path] | None:
+    """Sorted absolute data files of a local source; None when ``source`` is a hub id."""
+    if _GLOB_CHARS.search(source):
+        matches = sorted(
+            Path(p).resolve()
+            for p in glob.glob(os.path.expanduser(source), recursive=True)
+            if Path(p).is_file() and Path(p).suffix in DATA_SUFFIXES
+        )
+        if not matches:
+            raise SourceNotFoundError(f"no .parquet or .tar files match the glob {source!r}")
+        return matches
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise ValueError(
+                f"{path}: unsupported file type {path.suffix!r}; expected one of {list(DATA_SUFFIXES)}"
+            )
+        return [path.resolve()]
+    if path.is_dir():
+        root = path.resolve()
+        files = sorted(
+            f
+            for f in root.rglob("*")
+            if f.suffix in DATA_SUFFIXES and f.is_file() and not _is_hidden(f, root)
+        )
+        if not files:
+            raise SourceNotFoundError(f"{root}: directory holds no .parquet or .tar files")
+        return _filter_split(files, root, split) if split else files
+    if _HUB_ID.fullmatch(source):
+        return None
+    raise FileNotFoundError(
+        f"data source not found: {source!r} is not an existing file, directory or glob, nor a hub id 'owner/name'"
+    )
+
+
+def _inspect_file(path: Path) -> tuple[SourceKind, int]:
+    """Kind and row count of one file, checking its columns from metadata only."""
+    kind = DATA_SUFFIXES[path.suffix]
+    if kind == "parquet":
+        pf = pq.ParquetFile(path)
+        check_columns(pf.schema_arrow, str(path))
+        return "parquet", pf.metadata.num_rows
+    num_samples, fields = _scan_tar(str(path))
+    if num_samples:
+        check_columns(fields, str(path))
+    return "webdataset", num_samples
+
+
+def _fragments_of(
+    source: str, kind: SourceKind, key: str, num_rows: int, rows_per_fragment: int, split: str | None = None
+) -> list[Fragment]:
+    return [
+        Fragment(source, kind, start, min(start + rows_per_fragment, num_rows), key, split)
+        for start in range(0, num_rows, rows_per_fragment)
+    ]
+
+
+def resolve_source(
+    source: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    rows_per_fragment: int = 256,
+    max_pairs: int | None = None,
+) -> list[Fragment]:
+    """Deterministic list of fragments covering every input row exactly once.
+
+    Files are taken in sorted path order, each cut into ``[0, r), [r, 2r), ...`` with ``r =
+    rows_per_fragment`` (the last fragment of a file may be shorter). ``max_pairs`` keeps only the first
+    ``max_pairs`` *input* rows in that order (before validation, so fewer valid pairs may come out).
+    Required columns of every file that will be read are checked first (``MissingColumnError``).
+    ``split`` filters directories (``split_matches``) and names the hub split (default ``"train"``);
+    it is ignored for an explicit file or glob.
+    """
+    if rows_per_fragment < 1:
+        raise ValueError(f"rows_per_fragment must be >= 1, got {rows_per_fragment}")
+    if max_pairs is not None and max_pairs < 0:
+        raise ValueError(f"max_pairs must be >= 0 or None, got {max_pairs}")
+    source = os.fspath(source)
+    files = _match_files(source, split)
+    if files is None:
+        return _hub_fragments(source, split or "train", rows_per_fragment, max_pairs)
+
+    fragments: list[Fragment] = []
+    keys: dict[str, Path] = {}
+    remaining = math.inf if max_pairs is None else max_pairs
+    for path in files:
+        if remaining <= 0:
+            break
+        kind, num_rows = _inspect_file(path)
+        key = make_source_key(path)
+        if key in keys:
+            raise ValueError(
+                f"source key collision: {keys[key]} and {path} have the same base name and size; "
+                "pair ids would clash (see schema.make_source_key). Rename one of them."
+            )
+        keys[key] = path
+        num_rows = int(min(num_rows, remaining))
+        remaining -= num_rows
+        fragments += _fragments_of(str(path), kind, key, num_rows, rows_per_fragment)
+    logger.info(
+        "resolved %s: %d file(s), %d row(s), %d fragment(s)",
+        source,
+        len(keys),
+        sum(f.num_rows for f in fragments),
+        len(fragments),
+    )
+    return fragments
+
+
+def _hub_fragments(
+    dataset_id: str, split: str, rows_per_fragment: int, max_pairs: int | None
+) -> list[Fragment]:
+    ds = _load_hub(dataset_id, split)
+    check_columns(list(ds.column_names), f"hub:{dataset_id}[{split}]")
+    num_rows = len(ds) if max_pairs is None else min(len(ds), max_pairs)
+    key = make_hub_source_key(dataset_id, split)
+    return _fragments_of(dataset_id, "hub", key, num_rows, rows_per_fragment, split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Rejected(Exception):
+    """A row failed a check: ``reason`` is one of QUARANTINE_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    """Image cell -> bytes (binary, large_binary, or an HF Image struct {"bytes", "path"})."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, dict) and "bytes" in value:
+        return _as_bytes(value["bytes"])
+    raise TypeError(f"image cell of type {type(value).__name__} is not bytes")
+
+
+def _label_value(value: Any) -> float | None:
+    """A label cell as float (NaN kept); None when null or not a number ("abc", [1])."""
+    if value is None:
+        return None
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_caption(caption: Any, max_chars: int) -> None:
+    if caption is None or not str(caption).strip():
+        raise _Rejected(
+            "empty_caption", "caption is null" if caption is None else "caption is empty or whitespace"
+        )
+    if len(str(caption)) > max_chars:
+        raise _Rejected("caption_too_long", f"caption has {len(str(caption))} characters > {max_chars}")
+
+
+def _check_labels(raw_0: Any, raw_1: Any) -> tuple[float, float]:
+    """Parsed ``(label_0, label_1)``: numeric, finite, in [0, 1], summing to 1."""
+    raws = {"label_0": raw_0, "label_1": raw_1}
+    values = {name: _label_value(raw) for name, raw in raws.items()}
+    nan = [name for name, v in values.items() if v is not None and math.isnan(v)]
+    if nan:
+        raise _Rejected("nan_label", " and ".join(nan) + " NaN")
+    for name, v in values.items():
+        if v is None:
+            what = "null" if raws[name] is None else f"{raws[name]!r}, not a number"
+            raise _Rejected("bad_label", f"{name} is {what}")
+        if not 0.0 <= v <= 1.0:
+            raise _Rejected("bad_label", f"{name}={v!r} is outside [0, 1]")
+    l0, l1 = values["label_0"], values["label_1"]
+    if abs(l0 + l1 - 1.0) > LABEL_SUM_TOL:
+        raise _Rejected("labels_not_sum_to_one", f"label_0 + label_1 = {l0!r} + {l1!r} = {l0 + l1!r}")
+    return l0, l1
+
+
+def _decode_failure(stage: str, e: BaseException) -> _Rejected:
+    """A decoder that ran out of data is ``truncated_image``; anything else is ``undecodable_image``."""
+    text = f"{stage}: {type(e).__name__}: {e}"
+    truncated = isinstance(e, EOFError) or "truncat" in str(e).lower()
+    return _Rejected("truncated_image" if truncated else "undecodable_image", text)
+
+
+def _decode_checked(data: bytes, max_pixels: int, min_side: int) -> Image.Image:
+    """Header -> size limits -> ``verify()`` -> full ``load()``; returns the decoded image.
+
+    The size comes from the header (``Image.open`` decodes nothing). Pillow itself only *warns* for
+    ``MAX_IMAGE_PIXELS`` < pixels <= 2x that and raises ``DecompressionBombError`` above: both are caught
+    (the warning is an exception only under ``-W error``), and our own, lower, limit is compared here.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _Rejected("image_too_large", f"Pillow: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise _Rejected(
+            "undecodable_image", f"open: not an image format Pillow reads; starts {data[:12]!r}"
+        ) from e
+    except Exception as e:
+        raise _decode_failure("open", e) from e
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _Rejected(
+            "image_too_large",
+            f"{image.format} header says {width}x{height} = {width * height} pixels > {max_pixels}",
+        )
+    if min(width, height) < min_side:
+        raise _Rejected(
+            "image_too_small", f"{image.format} header says {width}x{height}; min side {min_side}"
+        )
+    try:
+        image.verify()
+    except Exception as e:
+        raise _decode_failure("verify", e) from e
+    try:
+        image = Image.open(io.BytesIO(data))  # verify() leaves the image unusable: reopen
+        image.load()
+    except Exception as e:
+        raise _decode_failure("decode", e) from e
+    return image
+
+
+def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    if a.size != b.size:
+        return False
+    if a.mode != b.mode or a.mode not in ("RGB", "L", "RGBA"):
+        a, b = a.convert("RGBA"), b.convert("RGBA")
+    return a.tobytes() == b.tobytes()
+
+
+def _check_images(raw_0: Any, raw_1: Any, max_pixels: int, min_side: int) -> None:
+    """Both images non-empty, within size limits, decodable to the end, and not identical.
+
+    Both images are checked; when both fail, the reason that comes first in QUARANTINE_REASONS wins.
+    Identical means same bytes, or (re-encoded) same decoded size, mode and pixels.
+    """
+    images = {"jpg_0": _as_bytes(raw_0), "jpg_1": _as_bytes(raw_1)}
+    for name, data in images.items():
+        if not data:
+            raise _Rejected("empty_image", f"{name} is {'null' if data is None else '0 bytes'}")
+    decoded, failures = [], []
+    for name, data in images.items():
+        try:
+            decoded.append(_decode_checked(data, max_pixels, min_side))
+        except _Rejected as r:
+            failures.append(_Rejected(r.reason, f"{name}: {r.detail}"))
+    if failures:
+        raise min(failures, key=lambda r: _REASON_RANK[r.reason])
+    if images["jpg_0"] == images["jpg_1"]:
+        raise _Rejected("identical_images", "jpg_0 and jpg_1 are the same bytes")
+    if _same_pixels(*decoded):
+        raise _Rejected("identical_images", "jpg_0 and jpg_1 decode to the same pixels")
+
+
+def _check_row(
+    row: dict[str, Any], max_caption_chars: int, max_pixels: int, min_side: int
+) -> tuple[float, float]:
+    """Run every row check in QUARANTINE_REASONS order; return the parsed labels or raise _Rejected."""
+    _check_caption(row["caption"], max_caption_chars)
+    labels = _check_labels(row["label_0"], row["label_1"])
+    _check_images(row["jpg_0"], row["jpg_1"], max_pixels, min_side)
+    return labels
+
+
+def _safe(fn: Any, value: Any) -> Any:
+    try:
+        return fn(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def validate_and_canonicalize(
+    table: pa.Table,
+    fragment: Fragment,
+    *,
+    tie_policy: TiePolicy = "drop",
+    seed: int = 0,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+    min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
+) -> tuple[pa.Table, pa.Table]:
+    """Check every row of ``table`` (= ``fragment.read()``) and canonicalise the good ones.
+
+    Returns ``(pairs, quarantine)``: ``pairs`` in ``PAIR_SCHEMA`` (chosen first: swapped when
+    ``label_0 < label_1``), ``quarantine`` in ``QUARANTINE_SCHEMA``; every input row lands in exactly one.
+    Checks run in ``QUARANTINE_REASONS`` order and the first failure names the row: caption (empty, too
+    long), labels (NaN, non-numeric/out of [0, 1], not summing to 1), images (empty, over
+    ``max_image_pixels`` or under ``min_image_side`` from the header, undecodable, truncated,
+    identical), then ties (``label_0 == label_1 == 0.5``) by ``tie_policy``:
+
+    * ``drop``   -- quarantine with reason ``tie`` (the official Diffusion-DPO setting);
+    * ``random`` -- keep, ``is_tie=True``, order drawn from ``pair_rng(seed, pair_id, "tie")``;
+    * ``keep``   -- keep, ``is_tie=True``, source order.
+
+    An unexpected exception on a row quarantines it as ``invalid_row`` (exception text in ``detail``);
+    it never fails the shard. Images are decoded once each (plus a header ``verify()``) and discarded.
+    """
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set globally by some imported code): truncated "
+            "images would decode silently. Find and remove the code that sets it."
+        )
+    check_columns(table, fragment.source)
+    if table.num_rows != fragment.num_rows:
+        raise ValueError(f"table has {table.num_rows} rows but {fragment} covers {fragment.num_rows}")
+    table = _normalize_image_columns(table)
+    columns = {name: table.column(name).to_pylist() for name in PICKAPIC_REQUIRED}
+    pairs: dict[str, list[Any]] = {name: [] for name in PAIR_SCHEMA.names}
+    quarantine: dict[str, list[Any]] = {name: [] for name in QUARANTINE_SCHEMA.names}
+
+    for i in range(table.num_rows):
+        row = {name: values[i] for name, values in columns.items()}
+        pair_id, row_index = fragment.pair_id(i), fragment.start + i
+        try:
+            l0, l1 = _check_row(row, max_caption_chars, max_image_pixels, min_image_side)
+            is_tie = abs(l0 - l1) <= LABEL_SUM_TOL  # with the sum check: both 0.5
+            if is_tie and tie_policy == "drop":
+                raise _Rejected("tie", f"label_0 = label_1 = {l0!r} (tie_policy='drop')")
+            if is_tie:
+                swapped = tie_policy == "random" and bool(pair_rng(seed, pair_id, "tie").random() < 0.5)
+            else:
+                swapped = l0 < l1
+        except _Rejected as r:
+            _append_quarantine(quarantine, row, pair_id, fragment.source, row_index, r.reason, r.detail)
+            continue
+        except Exception as e:  # a bad row must never fail the shard
+            logger.warning("%s row %d: unexpected %s: %s", fragment.source, row_index, type(e).__name__, e)
+            detail = f"{type(e).__name__}: {e}"
+            _append_quarantine(quarantine, row, pair_id, fragment.source, row_index, "invalid_row", detail)
+            continue
+        col_w, col_l = ("jpg_1", "jpg_0") if swapped else ("jpg_0", "jpg_1")
+        values = {
+            "pair_id": pair_id,
+            "caption": str(row["caption"]),
+            "jpg_w": _as_bytes(row[col_w]),
+            "jpg_l": _as_bytes(row[col_l]),
+            "label_w": l1 if swapped else l0,
+            "label_l": l0 if swapped else l1,
+            "is_tie": is_tie,
+            "swapped": swapped,
+            "source": fragment.source,
+            "row_index": row_index,
+        }
+        for name, value in values.items():
+            pairs[name].append(value)
+
+    out_pairs = pa.table(pairs, schema=PAIR_SCHEMA)
+    out_quarantine = pa.table(quarantine, schema=QUARANTINE_SCHEMA)
+    logger.debug(
+        "%s [%d, %d): %d pairs, %d quarantined",
+        fragment.source,
+        fragment.start,
+        fragment.stop,
+        out_pairs.num_rows,
+        out_quarantine.num_rows,
+    )
+    return out_pairs, out_quarantine
+
+
+def _append_quarantine(
+    out: dict[str, list[Any]],
+    row: dict[str, Any],
+    pair_id: str,
+    source: str,
+    row_index: int,
+    reason: str,
+    detail: str,
+) -> None:
+    caption = row["caption"]
+    values = {
+        "pair_id": pair_id,
+        "source": source,
+        "row_index": row_index,
+        "reason": reason,
+        "detail": detail,
+        "caption": None if caption is None else str(caption),
+        "jpg_0": _safe(_as_bytes, row["jpg_0"]),
+        "jpg_1": _safe(_as_bytes, row["jpg_1"]),
+        "label_0": _label_value(row["label_0"]),
+        "label_1": _label_value(row["label_1"]),
+    }
+    for name, value in values.items():
+        out[name].append(value)
+
+
+def quarantine_counts(quarantine: pa.Table) -> dict[str, int]:
+    """``{reason: count}`` over every reason in QUARANTINE_REASONS (zeros included), for manifests."""
+    counts = dict.fromkeys(QUARANTINE_REASONS, 0)
+    for reason in quarantine.column("reason").to_pylist():
+        counts[reason] += 1
+    return counts

@@ -1,0 +1,405 @@
+"""The schema of a prefopt run: one YAML file, validated before anything starts.
+
+Every command reads the same :class:`RunConfig`; a section a command does not use is simply ignored by
+it. Unknown keys are rejected with the list of valid ones; cross-field rules live in one validator
+(:meth:`RunConfig._check_combinations`) and fail with a sentence saying why.
+
+    cfg = load_config("configs/demo.yaml", ["train.max_steps=20", "loss.beta=500"])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LossName = Literal["dpo", "mapo", "sft", "kto"]
+ReferenceStrategy = Literal["frozen", "periodic", "precomputed", "none"]
+TimestepSampling = Literal["uniform", "logit_normal", "gamma"]
+Family = Literal["sd3", "sdxl", "sd15"]
+
+#: Losses that compare the policy with a reference model.
+REFERENCE_LOSSES = frozenset({"dpo", "kto"})
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field("prefopt", description="Run name: MLflow run name and Ray Train run name (resume key).")
+    workdir: str = Field("prefopt_work", description="Directory for everything a run makes.")
+    seed: int = Field(0, description="Seeds data generation, noise, timesteps and initialisation.")
+
+
+class RaySection(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster address; None: RAY_ADDRESS, else a local Ray on 127.0.0.1."
+    )
+    num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="Logical CPUs of a *local* Ray (default max(4, cores)); more logical than physical "
+        "CPUs keeps Ray Data tasks from being starved by training workers on small machines.",
+    )
+    include_dashboard: bool = Field(False, description="Start the dashboard of a local Ray (127.0.0.1 only).")
+
+
+class ModelSection(_Section):
+    family: Family = "sd3"
+    pretrained: str = Field(
+        "tiny",
+        description="diffusers pipeline directory or hub id; 'tiny' / 'tiny:toy' build an offline tiny "
+        "pipeline under <workdir>/base_model.",
+    )
+    resolution: int = Field(32, ge=8, description="Training resolution in pixels (square).")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of frozen modules (VAE, text encoders, reference)."
+    )
+    lora_rank: int = Field(0, ge=0, description="0: full fine-tuning; >0: LoRA rank via peft.")
+    lora_alpha: float | None = Field(None, description="LoRA alpha; default = rank.")
+    max_sequence_length: int = Field(256, ge=1, description="SD3 T5 token length (pipeline default 256).")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="SD1.5/SDXL: override the scheduler's prediction type."
+    )
+
+
+class SyntheticDataSection(_Section):
+    num_pairs: int = Field(48, ge=1, description="Rows of the synthetic Pick-a-Pic-schema source.")
+    image_size: int = Field(48, ge=8)
+    tie_fraction: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class DataSection(_Section):
+    source: str | None = Field(
+        None,
+        description="Parquet file/dir/glob, webdataset tar glob or hub id; None writes a synthetic "
+        "Pick-a-Pic-schema source under <workdir>/data.",
+    )
+    split: str | None = None
+    tie_policy: Literal["drop", "random", "keep"] = "drop"
+    max_pairs: int | None = Field(None, ge=1)
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Checked from the header, before decoding.")
+    max_caption_chars: int = Field(2000, ge=1)
+    synthetic: SyntheticDataSection = SyntheticDataSection()
+
+
+class CacheSection(_Section):
+    dir: str | None = Field(None, description="Latent cache directory; default <workdir>/cache.")
+    batch_size: int = Field(16, ge=1, description="Pairs per encoder forward pass.")
+    num_actors: int = Field(1, ge=1, description="Encoder actors in the Ray Data pool.")
+    rows_per_shard: int = Field(64, ge=1, description="Input rows per cache shard (the resume unit).")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class LossSection(_Section):
+    name: LossName = "dpo"
+    beta: float | None = Field(
+        None, gt=0, description="Default per loss: dpo 5000 (official convention), mapo 0.1, kto 5000."
+    )
+    convention: Literal["official", "diffusers"] = Field(
+        "official",
+        description="DPO β convention: diffusers' script drops the 0.5 (its 2500 == official 5000).",
+    )
+    snr_value: float = Field(0.5, gt=0, description="MaPO c in s(x) = c·x / (exp(c·x) − 1).")
+    desirable_weight: float = Field(1.0, ge=0)
+    undesirable_weight: float = Field(1.0, ge=0)
+
+    def resolved_beta(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return {"dpo": 5000.0, "mapo": 0.1, "kto": 5000.0, "sft": 0.0}[self.name]
+
+
+class ReferenceSection(_Section):
+    strategy: ReferenceStrategy = "frozen"
+    tau: int = Field(32, ge=1, description="periodic: optimizer steps between reference updates.")
+    delta: float = Field(
+        math.inf, ge=0, description="periodic: stop updating once D(policy‖init) exceeds delta."
+    )
+    on_exceed: Literal["freeze", "reinit"] = "freeze"
+    probe_size: int = Field(8, ge=1, description="Preferred latents in the divergence probe set.")
+
+
+class TimestepsSection(_Section):
+    sampling: TimestepSampling | None = Field(
+        None, description="Default: logit_normal for sd3, uniform for sdxl/sd15."
+    )
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    gamma: float = Field(0.9, gt=0, le=1.0)
+    bins: int = Field(50, ge=1)
+    reward_scale: bool = Field(False, description="Scale the DPO reward by λ(t) = 1 + minmax(1/√SNR(t)).")
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(20, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(2, ge=1, description="Pairs per worker per micro-step.")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
+    gradient_checkpointing: bool = False
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_every: int = Field(0, ge=0, description="0: checkpoint only at the end.")
+    num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    fail_at_step: int | None = Field(
+        None, ge=1, description="Fault injection (tests): raise once at this step."
+    )
+    eval_every: int = Field(10, ge=1, description="Steps between probe/KL/bin metrics.")
+    resume: Literal["auto", "never", "require"] = Field(
+        "auto", description="auto: resume if a checkpoint exists; require: fail loudly if none."
+    )
+    export: bool = True
+
+
+class TrackingSection(_Section):
+    uri: str | None = Field(
+        None, description="MLflow URI; default MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db."
+    )
+    experiment: str = "prefopt"
+
+
+class RegenerateSection(_Section):
+    preset: Literal["pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "custom"] = (
+        "pick-style-cartoon"
+    )
+    prompts: str | None = Field(
+        None, description="Text file (one prompt per line) or parquet with `caption`."
+    )
+    num_prompts: int | None = Field(None, ge=1)
+    output_dir: str | None = None
+    chosen_template: str | None = Field(None, description="custom/override: template with {prompt}.")
+    rejected_template: str | None = Field(None, description="custom/override: template with {prompt}.")
+    rejected_prefix: str = Field("", description="Prefix of the rejected prompt, e.g. 'Realistic 8k image.'")
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(5.0, ge=0)
+    batch_size: int = Field(4, ge=1)
+    num_actors: int = Field(1, ge=1)
+
+
+class OnlineSection(_Section):
+    rounds: int = Field(2, ge=1)
+    prompts: str | None = None
+    num_prompts: int | None = Field(None, ge=1)
+    samples_per_prompt: int = Field(4, ge=2)
+    min_margin: float = Field(0.0, ge=0)
+    steps_per_round: int = Field(10, ge=1)
+    scorer: dict[str, Any] = Field(default_factory=lambda: {"name": "outline_style"})
+    num_inference_steps: int = Field(10, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
+
+
+class EvalSection(_Section):
+    prompts: str | None = None
+    num_prompts: int | None = Field(None, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
+    scorers: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "outline_style"}])
+    models: list[str] = Field(default_factory=list, description="Exported transformer/UNet dirs to compare.")
+    baseline: str | None = Field(None, description="Base pipeline dir; default model.pretrained.")
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
+
+
+class RunConfig(_Section):
+    run: RunSection = RunSection()
+    ray: RaySection = RaySection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    cache: CacheSection = CacheSection()
+    loss: LossSection = LossSection()
+    reference: ReferenceSection = ReferenceSection()
+    timesteps: TimestepsSection = TimestepsSection()
+    train: TrainSection = TrainSection()
+    tracking: TrackingSection = TrackingSection()
+    regenerate: RegenerateSection = RegenerateSection()
+    online: OnlineSection = OnlineSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        loss, ref = self.loss.name, self.reference.strategy
+        if loss in REFERENCE_LOSSES and ref == "none":
+            raise ValueError(
+                f"loss.name={loss} compares the policy with a reference model, so reference.strategy "
+                "cannot be 'none'; use frozen, periodic or precomputed."
+            )
+        if loss not in REFERENCE_LOSSES and ref != "none":
+            raise ValueError(
+                f"loss.name={loss} is reference-free, so reference.strategy must be 'none' "
+                f"(got {ref!r}): a {ref} reference would cost memory and never be used."
+            )
+        if self.timesteps.reward_scale and loss not in REFERENCE_LOSSES:
+            raise ValueError(
+                f"timesteps.reward_scale scales the implicit reward of dpo/kto; loss.name={loss} has none."
+            )
+        if self.model.lora_rank > 0 and ref == "periodic":
+            raise ValueError(
+                "model.lora_rank > 0 uses the base model with adapters disabled as the reference, which "
+                "cannot be moved to the policy; use reference.strategy=frozen or full fine-tuning."
+            )
+        if self.model.lora_rank > 0 and self.train.zero_stage == 3:
+            raise ValueError(
+                "LoRA trains a few small tensors; ZeRO-3 sharding them is unsupported, use zero_stage <= 2."
+            )
+        if self.train.offload_param and self.train.zero_stage != 3:
+            raise ValueError(
+                "train.offload_param needs train.zero_stage=3 (DeepSpeed offloads parameters only under ZeRO-3)."
+            )
+        if self.train.offload_optimizer and self.train.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1.")
+        if self.train.fail_at_step is not None and self.train.fail_at_step > self.train.max_steps:
+            raise ValueError("train.fail_at_step is after train.max_steps: the fault would never fire.")
+        if self.model.prediction_type is not None and self.model.family == "sd3":
+            raise ValueError("model.prediction_type applies to sd15/sdxl; sd3 is flow matching.")
+        return self
+
+    # ---- derived values (no state: computed from the fields) ----
+    @property
+    def workdir(self) -> Path:
+        return Path(self.run.workdir).expanduser().resolve()
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache.dir).expanduser().resolve() if self.cache.dir else self.workdir / "cache"
+
+    @property
+    def base_model_dir(self) -> Path:
+        """Where the pretrained pipeline lives (built on demand for 'tiny' models)."""
+        if self.model.pretrained.startswith("tiny"):
+            return self.workdir / "base_model"
+        return Path(self.model.pretrained).expanduser()
+
+    @property
+    def tiny_preset(self) -> str | None:
+        p = self.model.pretrained
+        if p == "tiny":
+            return "test"
+        if p.startswith("tiny:"):
+            return p.split(":", 1)[1]
+        return None
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{self.workdir / 'mlflow.db'}"
+
+    @property
+    def timestep_sampling(self) -> TimestepSampling:
+        if self.timesteps.sampling is not None:
+            return self.timesteps.sampling
+        return "logit_normal" if self.model.family == "sd3" else "uniform"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.max_steps=5"`` -> ``(["train", "max_steps"], 5)``; values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            valid = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"unknown key {loc!r}; valid keys here: {valid}")
+        else:
+            lines.append(f"{loc or '<config>'}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
+            return None
+        model = field.annotation
+    return model
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
+        data = loaded
+    apply_overrides(data, list(overrides or []))
+    return config_from_dict(data)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params and config diffs)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,194 @@
+"""One preference-optimisation step, family- and loss-agnostic (pure torch; the trainer wraps it).
+
+    batch -> per-pair noise + timestep (seeded by (seed, pair, epoch)) -> policy errors (2B rows)
+          -> reference errors (live model, or precomputed in the cache) -> loss (prefopt_core.losses)
+
+Noise and timesteps are drawn from a generator seeded by ``(run seed, pair key, epoch)``, not from a
+global RNG: the draw of a pair does not depend on the worker, the batch it lands in, the number of
+workers or a resume — which is what makes ZeRO stages comparable, resumes exact, and precomputed
+reference errors equal to live ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from prefopt_core.losses import LossOutput, compute_loss, get_loss
+from prefopt_core.models.base import ModelAdapter, per_sample_mse
+from prefopt_core.timesteps import reward_scale, reward_scale_table, sample_timesteps
+
+
+@dataclass
+class PreferenceBatch:
+    """B preference pairs as stored in the latent cache (chosen = w, rejected = l)."""
+
+    pair_key: Tensor  # (B,) int64, stable id of the pair
+    latents_w: Tensor  # (B, C, h, w)
+    latents_l: Tensor  # (B, C, h, w)
+    cond: dict[str, Tensor]  # per-pair text conditioning, each (B, ...)
+    cond_w: dict[str, Tensor] = field(default_factory=dict)  # per-image conditioning of w (SDXL time ids)
+    cond_l: dict[str, Tensor] = field(default_factory=dict)
+    ref_err_w: Tensor | None = None  # (B,) precomputed reference errors (reference.strategy=precomputed)
+    ref_err_l: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.pair_key.shape[0])
+
+    def to(self, device: torch.device | str) -> PreferenceBatch:
+        def mv(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v.to(device) for k, v in d.items()}
+
+        return PreferenceBatch(
+            pair_key=self.pair_key.to(device),
+            latents_w=self.latents_w.to(device),
+            latents_l=self.latents_l.to(device),
+            cond=mv(self.cond),
+            cond_w=mv(self.cond_w),
+            cond_l=mv(self.cond_l),
+            ref_err_w=None if self.ref_err_w is None else self.ref_err_w.to(device),
+            ref_err_l=None if self.ref_err_l is None else self.ref_err_l.to(device),
+        )
+
+
+@dataclass(frozen=True)
+class TimestepConfig:
+    """How training timesteps are drawn and whether the reward is scaled by λ(t)."""
+
+    sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    gamma: float = 0.9
+    bins: int = 50
+    reward_scale: bool = False
+
+
+def pair_seed(seed: int, pair_key: int, epoch: int) -> int:
+    """A 63-bit seed for the draw of ``pair_key`` in ``epoch`` (stable across processes and platforms)."""
+    digest = hashlib.blake2b(f"{seed}:{pair_key}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def draw_noise_and_timesteps(
+    pair_keys: Tensor,
+    latent_shape: tuple[int, ...],
+    *,
+    seed: int,
+    epoch: int,
+    num_train_timesteps: int,
+    timesteps: TimestepConfig,
+) -> tuple[Tensor, Tensor]:
+    """Per-pair noise ``(B, C, h, w)`` and integer timesteps ``(B,)``, each from its own seeded generator."""
+    noises, ts = [], []
+    for key in pair_keys.tolist():
+        g = torch.Generator().manual_seed(pair_seed(seed, int(key), epoch))
+        noises.append(torch.randn(latent_shape, generator=g))
+        ts.append(
+            sample_timesteps(
+                1,
+                num_train_timesteps,
+                sampling=timesteps.sampling,
+                generator=g,
+                logit_mean=timesteps.logit_mean,
+                logit_std=timesteps.logit_std,
+                gamma=timesteps.gamma,
+                bins=timesteps.bins,
+            )
+        )
+    return torch.stack(noises), torch.cat(ts)
+
+
+def pair_errors(
+    adapter: ModelAdapter, denoiser: nn.Module, batch: PreferenceBatch, noise: Tensor, t: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-sample errors ``(B,)`` of the chosen and the rejected images under shared noise and timestep."""
+    x0 = torch.cat([batch.latents_w, batch.latents_l])  # (2B, C, h, w)
+    noise2 = torch.cat([noise, noise])  # (2B, C, h, w): w and l share the noise
+    t2 = torch.cat([t, t])  # (2B,)
+    cond = {k: torch.cat([v, v]) for k, v in batch.cond.items()}  # (2B, ...)
+    for k in batch.cond_w:
+        cond[k] = torch.cat([batch.cond_w[k], batch.cond_l[k]])
+    x_t = adapter.noisy_latents(x0, noise2, t2)
+    pred = adapter.predict(denoiser, x_t, t2, cond)
+    err = per_sample_mse(pred, adapter.target(x0, noise2, t2))  # (2B,)
+    err_w, err_l = err.chunk(2)  # (B,), (B,)
+    return err_w, err_l
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar, differentiable
+    out: LossOutput
+    t: Tensor  # (B,)
+    metrics: dict[str, Tensor]  # detached scalars for logging
+
+
+class PreferenceObjective:
+    """Computes the preference loss of a batch for any family, loss and reference strategy."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        *,
+        loss_name: str,
+        loss_params: dict,
+        timesteps: TimestepConfig,
+        seed: int,
+    ) -> None:
+        self.adapter = adapter
+        self.spec = get_loss(loss_name)
+        self.loss_params = loss_params
+        self.timesteps = timesteps
+        self.seed = seed
+        self.T = adapter.schedule.num_train_timesteps
+        self.lambda_table = reward_scale_table(adapter.schedule) if timesteps.reward_scale else None
+
+    def draw(self, batch: PreferenceBatch, epoch: int) -> tuple[Tensor, Tensor]:
+        noise, t = draw_noise_and_timesteps(
+            batch.pair_key.cpu(),
+            tuple(batch.latents_w.shape[1:]),
+            seed=self.seed,
+            epoch=epoch,
+            num_train_timesteps=self.T,
+            timesteps=self.timesteps,
+        )
+        return noise.to(batch.latents_w.device, batch.latents_w.dtype), t.to(batch.latents_w.device)
+
+    @torch.no_grad()
+    def reference_errors(self, reference: nn.Module, batch: PreferenceBatch, noise: Tensor, t: Tensor):
+        return pair_errors(self.adapter, reference, batch, noise, t)
+
+    def __call__(
+        self,
+        policy: nn.Module,
+        batch: PreferenceBatch,
+        *,
+        epoch: int,
+        reference: nn.Module | None = None,
+    ) -> StepOutput:
+        noise, t = self.draw(batch, epoch)
+        err_w, err_l = pair_errors(self.adapter, policy, batch, noise, t)
+        ref_w = ref_l = None
+        if self.spec.needs_reference:
+            if batch.ref_err_w is not None:
+                ref_w, ref_l = batch.ref_err_w.float(), batch.ref_err_l.float()
+            elif reference is not None:
+                ref_w, ref_l = self.reference_errors(reference, batch, noise, t)
+            else:
+                raise ValueError(
+                    f"loss {self.spec.name!r} needs a reference model or precomputed reference errors"
+                )
+        scale = None
+        if self.lambda_table is not None:
+            scale = reward_scale(t, self.lambda_table.to(t.device))
+        out = compute_loss(self.spec.name, err_w, err_l, ref_w, ref_l, reward_scale=scale, **self.loss_params)
+        metrics = {k: v.detach() for k, v in out.metrics.items()}
+        metrics["mse/policy_w"] = err_w.detach().mean()
+        metrics["mse/policy_l"] = err_l.detach().mean()
+        if ref_w is not None:
+            metrics["mse/ref_w"] = ref_w.detach().mean()
+            metrics["mse/ref_l"] = ref_l.detach().mean()
+        return StepOutput(loss=out.losses.mean(), out=out, t=t, metrics=metrics)

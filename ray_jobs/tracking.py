@@ -1,0 +1,225 @@
+"""MLflow tracking: one run per training run, resumed (not duplicated) on resume, never fatal.
+
+The driver opens (or finds) the run before training starts and logs the resolved config; rank 0 of the
+training workers logs metrics through a :class:`MetricBuffer` that batches them, retries when the
+tracking server is unreachable, and spills what it could not send to ``<workdir>/mlflow_pending.jsonl``
+so it can be replayed later (``replay_pending``). Training never dies because MLflow does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "prefopt.run_key"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created concurrently
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_or_create_run(
+    uri: str,
+    experiment: str,
+    run_key: str,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> tuple[str, bool]:
+    """Return ``(run_id, resumed)``: the unfinished-or-finished run tagged ``run_key``, else a new one."""
+    client = _client(uri)
+    exp_id = ensure_experiment(uri, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    all_tags = {RUN_KEY_TAG: run_key, "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+    return run.info.run_id, False
+
+
+def log_params_once(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params not yet on the run; a resumed run whose params changed keeps the old ones (MLflow params
+    are immutable) and the difference is logged as a warning and recorded as tags."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    existing = client.get_run(run_id).data.params
+    new, changed = [], {}
+    for k, v in params.items():
+        value = str(v)[:6000]
+        if k not in existing:
+            new.append(Param(k, value))
+        elif existing[k] != value:
+            changed[k] = value
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i : i + 100])
+    if changed:
+        logger.warning(
+            "resumed run %s with changed params (kept the old values): %s", run_id, sorted(changed)
+        )
+        for k, v in changed.items():
+            client.set_tag(run_id, f"prefopt.changed_param.{k}", v[:5000])
+
+
+def set_terminated(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    try:
+        _client(uri).set_terminated(run_id, status=status)
+    except Exception as exc:  # pragma: no cover - best effort
+        logger.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+class MetricBuffer:
+    """Batched, retrying, spill-to-disk metric logging for one run (used on rank 0 only)."""
+
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        pending_path: str | Path,
+        *,
+        flush_every: int = 10,
+        max_buffer: int = 10_000,
+    ) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.pending_path = Path(pending_path)
+        self.flush_every = flush_every
+        self.max_buffer = max_buffer
+        self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, step, timestamp ms)
+        self._since_flush = 0
+        self._failures = 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            self._buffer.append((k, float(v), int(step), ts))
+        self._since_flush += 1
+        if self._since_flush >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what is buffered; on failure keep it (and spill beyond ``max_buffer``). True if all sent."""
+        self._since_flush = 0
+        if not self._buffer:
+            return True
+        from mlflow.entities import Metric
+
+        try:
+            client = _client(self.uri)
+            for i in range(0, len(self._buffer), 1000):
+                chunk = self._buffer[i : i + 1000]
+                client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, s, ts in chunk])
+            self._buffer.clear()
+            self._failures = 0
+            return True
+        except Exception as exc:
+            self._failures += 1
+            logger.warning(
+                "MLflow unreachable (%s); keeping %d metric values for retry", exc, len(self._buffer)
+            )
+            if len(self._buffer) > self.max_buffer:
+                self.spill()
+            return False
+
+    def spill(self) -> None:
+        """Append everything buffered to the pending file (replayable with :func:`replay_pending`)."""
+        if not self._buffer:
+            return
+        self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.pending_path.open("a") as fh:
+            for k, v, s, ts in self._buffer:
+                fh.write(
+                    json.dumps({"run_id": self.run_id, "key": k, "value": v, "step": s, "ts": ts}) + "\n"
+                )
+        logger.warning("spilled %d metric values to %s", len(self._buffer), self.pending_path)
+        self._buffer.clear()
+
+    def close(self) -> None:
+        if not self.flush():
+            self.spill()
+
+
+def replay_pending(uri: str, pending_path: str | Path) -> int:
+    """Send spilled metrics to MLflow; returns how many were sent (the file is removed on success)."""
+    from mlflow.entities import Metric
+
+    path = Path(pending_path)
+    if not path.exists():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    client = _client(uri)
+    by_run: dict[str, list] = {}
+    for r in rows:
+        by_run.setdefault(r["run_id"], []).append(Metric(r["key"], r["value"], r["ts"], r["step"]))
+    for run_id, metrics in by_run.items():
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    path.unlink()
+    return len(rows)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    try:
+        _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+    except Exception as exc:
+        logger.warning("could not log metrics to MLflow: %s", exc)
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    try:
+        _client(uri).log_artifact(run_id, str(path), artifact_path)
+    except Exception as exc:
+        logger.warning("could not log artifact %s to MLflow: %s", path, exc)
+
+
+def log_cache_input(uri: str, run_id: str, manifest: dict[str, Any], cache_dir: str | Path) -> None:
+    """Record the latent cache as the run's dataset input (name, fingerprint digest, counts) and log the
+    quarantine counts as metrics."""
+    try:
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = MetaDataset(
+            source=LocalArtifactDatasetSource(str(cache_dir)),
+            name=f"latent-cache-{manifest['fingerprint_hash']}",
+            digest=manifest["fingerprint_hash"],
+            schema=None,
+        )
+        entity = ds._to_mlflow_entity()
+        _client(uri).log_inputs(
+            run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "train")])]
+        )
+    except Exception as exc:
+        logger.warning("could not log the cache as an MLflow dataset input: %s", exc)
+    counts = {f"quarantine/{k}": v for k, v in manifest.get("quarantine", {}).items()}
+    if counts:
+        log_metrics(uri, run_id, counts, step=0)

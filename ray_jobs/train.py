@@ -1,0 +1,575 @@
+"""Preference training on Ray Train + DeepSpeed: ``prefopt train CONFIG`` / ``python -m ray_jobs.train CONFIG``.
+
+Driver (:func:`run_training`): checks the latent cache against the model, opens (or resumes) the MLflow
+run, builds a ``TorchTrainer`` whose workers read the cache through ``get_dataset_shard``, and writes
+``<workdir>/train_summary.json``.
+
+Worker recipe (:class:`WorkerRecipe`, read top to bottom: ``setup -> train -> cleanup``):
+DeepSpeed engine (ZeRO 0-3) over the trainable denoiser, a frozen reference (or none), the
+family-agnostic :class:`prefopt_core.objective.PreferenceObjective`, metrics reduced over workers and
+logged by rank 0, sharded checkpoints reported to Ray, resume from the latest one, and a
+``save_pretrained`` export of the trained denoiser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefopt_core.config import RunConfig, config_from_dict, flatten, load_config
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "checkpoint"
+COMPLETE_MARKER = "prefopt_checkpoint_complete.json"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run (ZeRO stage, offload, precision, accumulation, clipping)."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if t.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        # a torch optimizer under ZeRO-Offload instead of DeepSpeedCPUAdam (which JIT-compiles a C++ op)
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: RunConfig):
+    """Multiplier of the base lr at optimizer step ``s``: linear warm-up, then constant/linear/cosine."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        span = max(1, t.max_steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        if t.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def patch_deepspeed_for_cpu() -> None:
+    """Skip DeepSpeed's CPU shared-memory comm op: it is JIT-compiled (g++, ~60 s) at init and unused
+    under Ray, where torch.distributed (gloo) carries every collective."""
+    import deepspeed.comm.torch as ds_torch
+
+    ds_torch.build_shm_op = lambda: None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def batch_from_table(table, columns: dict[str, list[int]]):
+    """A cache batch (pyarrow) -> :class:`PreferenceBatch` with tensors of the manifest's shapes."""
+    from pipelines.latent_cache import split_columns
+    from pipelines.tensor_columns import to_tensor
+    from prefopt_core.objective import PreferenceBatch
+
+    shared, side, ref = split_columns(columns)
+    return PreferenceBatch(
+        pair_key=torch.from_numpy(table["pair_key"].to_numpy().copy()),
+        latents_w=to_tensor(table["latents_w"], columns["latents_w"]),
+        latents_l=to_tensor(table["latents_l"], columns["latents_l"]),
+        cond={k: to_tensor(table[k], columns[k]) for k in shared},
+        cond_w={k: to_tensor(table[f"{k}_w"], columns[f"{k}_w"]) for k in side},
+        cond_l={k: to_tensor(table[f"{k}_l"], columns[f"{k}_l"]) for k in side},
+        ref_err_w=to_tensor(table["ref_err_w"], columns["ref_err_w"]) if ref else None,
+        ref_err_l=to_tensor(table["ref_err_l"], columns["ref_err_l"]) if ref else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------- worker
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides weights and optimizer state."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current pass over this worker's shard
+    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch
+    fault_fired: bool = False
+
+
+class WorkerRecipe:
+    """One Ray Train worker: ``setup() -> train() -> cleanup()``."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+
+        self.cfg = config_from_dict(loop_config["config"])
+        self.manifest = loop_config["manifest"]
+        self.run_id: str | None = loop_config.get("run_id")
+        self.tracking_uri: str = loop_config["tracking_uri"]
+        self.base_model_dir = loop_config["base_model_dir"]
+        self.export_dir = loop_config["export_dir"]
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world = ctx.get_world_size()
+        self.state = TrainState()
+
+    # -------------------------------------------------------------- setup
+    def setup(self) -> None:
+        import deepspeed
+
+        from prefopt_core.models.base import get_adapter
+        from prefopt_core.objective import PreferenceObjective, TimestepConfig
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        if self.device.type == "cpu":
+            patch_deepspeed_for_cpu()
+        self.adapter = get_adapter(
+            cfg.model.family,
+            self.base_model_dir,
+            dtype=cfg.model.dtype,
+            max_sequence_length=cfg.model.max_sequence_length,
+            prediction_type=cfg.model.prediction_type,
+        )
+        policy = self.adapter.load_denoiser(dtype=torch.float32)
+        if cfg.train.gradient_checkpointing:
+            policy.enable_gradient_checkpointing()
+        self.reference = None
+        if cfg.reference.strategy in ("frozen", "periodic"):
+            self.reference = self.adapter.load_denoiser(dtype=_torch_dtype(cfg.model.dtype))
+            self.reference.requires_grad_(False).eval().to(self.device)
+        policy.train()
+        optimizer = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad],
+            lr=cfg.train.lr,
+            betas=tuple(cfg.train.adam_betas),
+            weight_decay=cfg.train.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=policy,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config(cfg, self.world),
+        )
+        self.objective = PreferenceObjective(
+            self.adapter,
+            loss_name=cfg.loss.name,
+            loss_params=_loss_params(cfg),
+            timesteps=TimestepConfig(
+                sampling=cfg.timestep_sampling,
+                logit_mean=cfg.timesteps.logit_mean,
+                logit_std=cfg.timesteps.logit_std,
+                gamma=cfg.timesteps.gamma,
+                bins=cfg.timesteps.bins,
+                reward_scale=cfg.timesteps.reward_scale,
+            ),
+            seed=cfg.run.seed,
+        )
+        self.columns = {k: list(v) for k, v in self.manifest["columns"].items()}
+        self.metrics = None
+        if self.rank == 0 and self.run_id:
+            from ray_jobs.tracking import MetricBuffer
+
+            self.metrics = MetricBuffer(
+                self.tracking_uri, self.run_id, Path(cfg.workdir) / "mlflow_pending.jsonl", flush_every=5
+            )
+        self._resume()
+
+    def _resume(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            if self.cfg.train.resume == "require":
+                raise RuntimeError(
+                    f"train.resume=require but no checkpoint of run {self.cfg.run.name!r} exists under "
+                    f"{self.cfg.workdir / 'ray_results'}"
+                )
+            if self.rank == 0:
+                logger.info("no checkpoint found for run %r: starting at step 0", self.cfg.run.name)
+            return
+        with checkpoint.as_directory() as d:
+            if not (Path(d) / COMPLETE_MARKER).exists():
+                raise RuntimeError(f"checkpoint {d} has no completion marker: it was not fully written")
+            path, client_state = self.engine.load_checkpoint(d, tag=CHECKPOINT_TAG, load_module_strict=True)
+            if path is None:  # DeepSpeed returns (None, None) instead of raising
+                raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {d}")
+        self.state = TrainState(**client_state["train_state"])
+        if self.rank == 0:
+            logger.info(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                path,
+                self.state.step,
+                self.state.epoch,
+                self.state.batch_in_epoch,
+            )
+
+    # -------------------------------------------------------------- train
+    def _batches(self):
+        """Endless micro-batches; epochs re-iterate the shard; skips what a resumed state already consumed."""
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        cfg = self.cfg
+        while True:
+            it = shard.iter_batches(
+                batch_size=cfg.train.batch_size,
+                batch_format="pyarrow",
+                drop_last=True,
+                local_shuffle_buffer_size=max(cfg.train.batch_size * 8, 16),
+                local_shuffle_seed=cfg.run.seed * 1000 + self.state.epoch * 10 + self.rank,
+            )
+            produced = 0
+            for i, table in enumerate(it):
+                if i < self.state.batch_in_epoch:
+                    continue
+                produced += 1
+                self.state.batch_in_epoch = i + 1
+                yield batch_from_table(table, self.columns)
+            if produced == 0 and self.state.batch_in_epoch == 0:
+                raise RuntimeError(
+                    f"worker {self.rank} got no full batch of {cfg.train.batch_size} pairs from the cache; "
+                    "use a smaller train.batch_size or fewer train.num_workers"
+                )
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        batches = self._batches()
+        last: dict[str, float] = {}
+        while self.state.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            sums: dict[str, torch.Tensor] = {}
+            for _ in range(cfg.train.grad_accum):
+                epoch = self.state.epoch
+                batch = next(batches).to(self.device)
+                out = self.objective(self.engine, batch, epoch=epoch, reference=self.reference)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+                    sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
+            self.state.step += 1
+            self._maybe_inject_fault()
+            step_time = time.perf_counter() - t0
+            metrics = self._reduce(sums)
+            pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
+            metrics.update(lr=self.scheduler.get_last_lr()[0], pairs_per_s=pairs / step_time)
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            if self.metrics is not None:
+                self.metrics.log(metrics, self.state.step)
+            last = metrics
+            if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
+                self._checkpoint(metrics)
+        if not cfg.train.checkpoint_every or self.state.step % cfg.train.checkpoint_every:
+            self._checkpoint(last)
+        return last
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        vec = torch.stack([sums[k].detach().float().cpu() for k in keys])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(vec)
+            vec /= self.world
+        return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
+
+    def _maybe_inject_fault(self) -> None:
+        cfg = self.cfg
+        if cfg.train.fail_at_step is None or self.state.step != cfg.train.fail_at_step:
+            return
+        marker = Path(cfg.workdir) / f".fault_injected_{cfg.run.name}_{cfg.train.fail_at_step}"
+        if self.rank == self.world - 1 and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("fired\n")
+            raise RuntimeError(f"injected fault at step {self.state.step} (train.fail_at_step)")
+
+    def _checkpoint(self, metrics: dict[str, float]) -> None:
+        import ray.train
+        import torch.distributed as dist
+        from ray.train import Checkpoint
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"prefopt-ckpt-r{self.rank}-"))
+        self.engine.save_checkpoint(
+            str(tmp),
+            tag=CHECKPOINT_TAG,
+            client_state={"train_state": vars(self.state).copy()},
+            save_latest=False,
+        )
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            (tmp / COMPLETE_MARKER).write_text(
+                json.dumps({"step": self.state.step, "world_size": self.world})
+            )
+            if self.metrics is not None:
+                self.metrics.flush()
+        ray.train.report(
+            {"step": self.state.step, **metrics},
+            checkpoint=Checkpoint.from_directory(str(tmp)),
+            checkpoint_dir_name=f"step_{self.state.step:08d}",
+        )
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # -------------------------------------------------------------- export + cleanup
+    def export(self) -> None:
+        """Consolidated weights -> ``save_pretrained`` (safetensors) under ``export_dir/<denoiser>``."""
+        import torch.distributed as dist
+
+        module = self.engine.module
+        if self.cfg.train.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = (
+                    {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                    if self.rank == 0
+                    else None
+                )
+        else:
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        if self.rank == 0:
+            fresh = type(module).from_config(module.config)
+            fresh.load_state_dict(state)
+            out = Path(self.export_dir) / self.adapter.denoiser_subfolder
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            fresh.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+            logger.info("exported %s to %s", self.adapter.denoiser_subfolder, out)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def cleanup(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _loss_params(cfg: RunConfig) -> dict[str, Any]:
+    from prefopt_core.losses import get_loss
+
+    spec = get_loss(cfg.loss.name)
+    candidates = {
+        "beta": cfg.loss.resolved_beta(),
+        "convention": cfg.loss.convention,
+        "snr_value": cfg.loss.snr_value,
+        "desirable_weight": cfg.loss.desirable_weight,
+        "undesirable_weight": cfg.loss.undesirable_weight,
+    }
+    return {k: v for k, v in candidates.items() if k in spec.params}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    recipe = WorkerRecipe(loop_config)
+    recipe.setup()
+    try:
+        recipe.train()
+        if recipe.cfg.train.export:
+            recipe.export()
+    finally:
+        recipe.cleanup()
+
+
+# ------------------------------------------------------------------------------------------- driver
+@dataclass
+class TrainSummary:
+    mlflow_tracking_uri: str
+    mlflow_run_id: str
+    export_dir: str | None
+    checkpoint: str | None
+    final_metrics: dict[str, float]
+    resumed_run: bool
+    num_pairs: int
+    num_quarantined: int
+
+
+def prepare_base_model(cfg: RunConfig) -> Path:
+    """The pretrained pipeline directory, building the offline tiny model when ``model.pretrained=tiny*``."""
+    if cfg.tiny_preset is not None:
+        from prefopt_core.models.tiny import make_tiny_pipeline
+
+        return make_tiny_pipeline(
+            cfg.base_model_dir,
+            family=cfg.model.family,
+            preset=cfg.tiny_preset,
+            seed=cfg.run.seed,
+            resolution=cfg.model.resolution,
+        )
+    path = cfg.base_model_dir
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"model.pretrained={cfg.model.pretrained!r} is not a local diffusers pipeline directory; download it "
+            "first (e.g. `huggingface-cli download <id> --local-dir DIR`) and pass the directory"
+        )
+    return path
+
+
+def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSummary:
+    """Train from the latent cache on Ray; returns (and writes) the run summary."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.latent_cache import check_cache_matches, read_manifest
+    from prefopt_core.models.base import get_adapter
+    from ray_jobs import tracking
+    from ray_jobs.cluster import ensure_ray
+
+    ensure_ray(cfg)
+    workdir = cfg.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = prepare_base_model(cfg)
+    manifest = read_manifest(cfg.cache_dir)
+    adapter = get_adapter(
+        cfg.model.family,
+        base,
+        dtype=cfg.model.dtype,
+        max_sequence_length=cfg.model.max_sequence_length,
+        prediction_type=cfg.model.prediction_type,
+    )
+    check_cache_matches(manifest, adapter.fingerprint()["encoders"], cfg.model.resolution, cfg.cache_dir)
+    if manifest["num_pairs"] < cfg.train.batch_size * cfg.train.num_workers:
+        raise ValueError(
+            f"the cache holds {manifest['num_pairs']} pairs, fewer than one batch per worker "
+            f"({cfg.train.batch_size} x {cfg.train.num_workers})"
+        )
+
+    storage = workdir / "ray_results"
+    if cfg.train.resume == "never" and (storage / cfg.run.name).exists():
+        shutil.rmtree(storage / cfg.run.name)
+    uri = cfg.tracking_uri
+    run_key = f"{cfg.run.name}@{workdir}"
+    run_id, resumed = tracking.find_or_create_run(
+        uri,
+        cfg.tracking.experiment,
+        run_key,
+        cfg.run.name,
+        tags={"prefopt.command": "train", "prefopt.family": cfg.model.family, "prefopt.loss": cfg.loss.name},
+        parent_run_id=parent_run_id,
+    )
+    if cfg.train.resume == "never" and resumed:
+        tracking.set_terminated(uri, run_id, "KILLED")
+        run_id, resumed = tracking.find_or_create_run(
+            uri,
+            cfg.tracking.experiment,
+            f"{run_key}#{int(time.time())}",
+            cfg.run.name,
+            tags={"prefopt.command": "train"},
+            parent_run_id=parent_run_id,
+        )
+    tracking.log_params_once(uri, run_id, flatten(cfg.to_dict()))
+    tracking.log_cache_input(uri, run_id, manifest, cfg.cache_dir)
+    (workdir / "resolved_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    tracking.log_artifact(uri, run_id, workdir / "resolved_config.json")
+
+    needed = ["pair_key", *manifest["columns"].keys()]
+    files = [str(cfg.cache_dir / f) for f in manifest["files"]]
+    dataset = ray.data.read_parquet(
+        files, columns=[c for c in needed if c not in ("original_size_w", "original_size_l", "crop_top_left")]
+    )
+    use_gpu = (
+        cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    )
+    export_dir = workdir / "export"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "manifest": manifest,
+            "run_id": run_id,
+            "tracking_uri": uri,
+            "base_model_dir": str(base),
+            "export_dir": str(export_dir),
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RayRunConfig(
+            name=cfg.run.name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        ),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.set_terminated(uri, run_id, "FAILED")
+        raise
+    final = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    tracking.log_metrics(
+        uri,
+        run_id,
+        {"num_pairs": manifest["num_pairs"], "num_quarantined": manifest["num_quarantined"]},
+        step=0,
+    )
+    tracking.set_terminated(uri, run_id, "FINISHED")
+    summary = TrainSummary(
+        mlflow_tracking_uri=uri,
+        mlflow_run_id=run_id,
+        export_dir=str(export_dir / adapter.denoiser_subfolder) if cfg.train.export else None,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        final_metrics=final,
+        resumed_run=resumed,
+        num_pairs=manifest["num_pairs"],
+        num_quarantined=manifest["num_quarantined"],
+    )
+    (workdir / "train_summary.json").write_text(json.dumps(vars(summary), indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ray_jobs.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())
+
+
+__all__ = ["TrainSummary", "load_config", "run_training"]
