@@ -269,9 +269,12 @@ class WorkerRecipe:
         while self.state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
+            data_s = 0.0
             for _ in range(cfg.train.grad_accum):
                 epoch = self.state.epoch
+                td = time.perf_counter()
                 batch = next(batches).to(self.device)
+                data_s += time.perf_counter() - td
                 out = self.objective(self.engine, batch, epoch=epoch, reference=self.reference)
                 self.engine.backward(out.loss)
                 self.engine.step()
@@ -282,7 +285,8 @@ class WorkerRecipe:
             step_time = time.perf_counter() - t0
             metrics = self._reduce(sums)
             pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
-            metrics.update(lr=self.scheduler.get_last_lr()[0], pairs_per_s=pairs / step_time)
+            metrics.update(lr=self.scheduler.get_last_lr()[0], pairs_per_s=pairs / step_time,
+                           **{"time/step_s": step_time, "time/data_s": data_s})
             grad_norm = self.engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
@@ -506,6 +510,9 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     dataset = ray.data.read_parquet(
         files, columns=[c for c in needed if c not in ("original_size_w", "original_size_l", "crop_top_left")]
     )
+    # Latent caches are compact: materialise once so every epoch re-reads the object store, not parquet
+    # (a streaming re-read per epoch costs seconds of task start-up on small machines).
+    dataset = dataset.materialize()
     use_gpu = (
         cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     )

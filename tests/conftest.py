@@ -1,0 +1,44 @@
+"""Shared fixtures: offline hub, one tiny model per family per session, one local Ray per session.
+
+Ray starts once (4 logical CPUs on 127.0.0.1, no dashboard) and is shared by every test that asks for
+``ray_cluster``; tiny pipelines are built once into a session temp dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny SD3 pipeline directory (built offline once per session)."""
+    from prefopt_core.models.tiny import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd3", family="sd3")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray shared by the session (4 logical CPUs so Data tasks are never starved by Train workers)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    yield ray
+    ray.shutdown()
