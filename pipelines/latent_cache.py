@@ -2,9 +2,10 @@
 
 Ray Data pipeline (one direction, streaming, back-pressured)::
 
-    fragment specs ──map_batches(read + validate + transform, CPU tasks)──▶ good rows (pixels)
-        ──map_batches(LatentEncoder, actor pool of cache.num_actors)──▶ latents + embeddings
-        ──map_batches(write, CPU tasks)──▶ shards/fNNNNNN-rRRRRRRRRR.parquet (+ quarantine/...)
+    fragment specs ──map_batches(read + validate + transform, CPU tasks)──▶ good rows (uint8 pixels)
+        │                                  └─▶ quarantine/fNNNNNN-rRRRRRRRRR.parquet (bad rows + reason)
+        ──map_batches(LatentEncoder, actor pool of cache.num_actors)──▶ latents + embeddings, written by
+          the actor as shards/fNNNNNN-rRRRRRRRRR.parquet right after encoding ──▶ stats rows
     driver: progress (rows/s); at the end manifest.json, written atomically, last.
 
 A *fragment* (``cache.rows_per_shard`` consecutive rows of one input file) is the unit of resume: every
@@ -127,6 +128,8 @@ def _read_validate_transform(batch: pa.Table, *, settings: dict, out_dir: str) -
                 "original_size_w",
                 "original_size_l",
                 "crop_top_left",
+                "crop_top_left_l",
+                "crop_top_left_l",
                 "flipped",
             )
         }
@@ -146,9 +149,10 @@ def _read_validate_transform(batch: pa.Table, *, settings: dict, out_dir: str) -
             cols["original_size_w"].append(list(px.original_size_w))
             cols["original_size_l"].append(list(px.original_size_l))
             cols["crop_top_left"].append(list(px.crop_top_left))
+            cols["crop_top_left_l"].append(list(px.crop_top_left_l))
             cols["flipped"].append(bool(px.flipped))
         if bad:
-            rows = pairs.take([i for i, _ in bad])
+            rows = pairs.take(pa.array([i for i, _ in bad], pa.int64()))
             q = _quarantine_from_pairs(rows, "undecodable_image", [d for _, d in bad])
             _atomic_write(
                 q,
@@ -157,7 +161,7 @@ def _read_validate_transform(batch: pa.Table, *, settings: dict, out_dir: str) -
                     ".parquet", "-transform.parquet"
                 ),
             )
-        kept = pairs.take(good)
+        kept = pairs.take(pa.array(good, pa.int64()))
         n = kept.num_rows
         shape = (3, s.resolution, s.resolution)
         out = pa.table(
@@ -179,6 +183,7 @@ def _read_validate_transform(batch: pa.Table, *, settings: dict, out_dir: str) -
                 "original_size_w": to_column(np.array(cols["original_size_w"], np.int64).reshape(n, 2)),
                 "original_size_l": to_column(np.array(cols["original_size_l"], np.int64).reshape(n, 2)),
                 "crop_top_left": to_column(np.array(cols["crop_top_left"], np.int64).reshape(n, 2)),
+                "crop_top_left_l": to_column(np.array(cols["crop_top_left_l"], np.int64).reshape(n, 2)),
                 "flipped": pa.array(cols["flipped"], pa.bool_()),
             }
         )
@@ -219,9 +224,14 @@ def _quarantine_from_pairs(pairs: pa.Table, reason: str, details: list[str]) -> 
 class LatentEncoder:
     """Ray Data actor: VAE + text encoders loaded once, applied to batches of pairs."""
 
-    def __init__(self, settings: dict, base_model_dir: str) -> None:
+    def __init__(
+        self, settings: dict, base_model_dir: str, out_dir: str, fail_after_batches: int | None = None
+    ) -> None:
         from prefopt_core.models.base import get_adapter
 
+        self.out_dir = out_dir
+        self.fail_after_batches = fail_after_batches  # fault injection for resume tests
+        self.batches_done = 0
         s = CacheSettings(**settings)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -236,9 +246,16 @@ class LatentEncoder:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Encode a batch and write it (so a finished batch survives a later failure); -> stats rows."""
+        return _write_shards(self.encode(batch), out_dir=self.out_dir)
+
+    def encode(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         if n == 0:
             return batch
+        if self.fail_after_batches is not None and self.batches_done >= self.fail_after_batches:
+            raise RuntimeError(f"injected encoder failure after {self.batches_done} batches")
+        self.batches_done += 1
         shape = (3, self.resolution, self.resolution)
         px_w = to_tensor(batch["pixels_w"], shape).float() / 127.5 - 1.0  # (B, 3, R, R)
         px_l = to_tensor(batch["pixels_l"], shape).float() / 127.5 - 1.0
@@ -252,7 +269,7 @@ class LatentEncoder:
         )
         side_l = self.adapter.side_conditioning(
             to_tensor(batch["original_size_l"], (2,)),
-            to_tensor(batch["crop_top_left"], (2,)),
+            to_tensor(batch["crop_top_left_l"], (2,)),
             self.resolution,
         )
         finite = torch.isfinite(lat_w).flatten(1).all(1) & torch.isfinite(lat_l).flatten(1).all(1)
@@ -276,7 +293,7 @@ class LatentEncoder:
                 *((f"{k}_l", v) for k, v in side_l.items()),
             ]
         }
-        shapes.update(original_size_w=[2], original_size_l=[2], crop_top_left=[2])
+        shapes.update(original_size_w=[2], original_size_l=[2], crop_top_left=[2], crop_top_left_l=[2])
         out = out.append_column("_shapes", pa.array([json.dumps(shapes, sort_keys=True)] * n, pa.string()))
         return out.append_column("finite", pa.array(finite.tolist(), pa.bool_()))
 
@@ -385,6 +402,7 @@ def build_cache(
     rows_per_shard: int = 64,
     split: str | None = None,
     max_pairs: int | None = None,
+    fail_after_batches: int | None = None,
 ) -> dict:
     """Build (or finish) the cache; returns the manifest dict. Ray must already be initialised."""
     import ray
@@ -453,15 +471,17 @@ def build_cache(
         )
         ds = ds.map_batches(
             LatentEncoder,
-            fn_constructor_kwargs={"settings": settings_d, "base_model_dir": str(base_model_dir)},
+            fn_constructor_kwargs={
+                "settings": settings_d,
+                "base_model_dir": str(base_model_dir),
+                "out_dir": str(cache_dir),
+                "fail_after_batches": fail_after_batches,
+            },
             batch_size=settings.batch_size,
             batch_format="pyarrow",
             concurrency=num_actors,
             num_cpus=cpus_per_actor,
             num_gpus=1 if _cluster_has_gpus() else 0,
-        )
-        ds = ds.map_batches(
-            _write_shards, batch_format="pyarrow", fn_kwargs={"out_dir": str(cache_dir)}, num_cpus=0.25
         )
         last_log = t0
         for stat in ds.iter_rows():
@@ -578,6 +598,7 @@ NON_COND = frozenset(
         "original_size_w",
         "original_size_l",
         "crop_top_left",
+        "crop_top_left_l",
         "ref_err_w",
         "ref_err_l",
     }

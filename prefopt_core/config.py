@@ -42,7 +42,9 @@ class RunSection(_Section):
 
 class RaySection(_Section):
     address: str | None = Field(
-        None, description="Ray cluster address; None: RAY_ADDRESS, else a local Ray on 127.0.0.1."
+        None,
+        description="Ray cluster address ('ray://host:10001', 'auto', ...); None: RAY_ADDRESS, else a new "
+        "local Ray on 127.0.0.1; 'local' always starts a new local Ray.",
     )
     num_cpus: int | None = Field(
         None,

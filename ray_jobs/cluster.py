@@ -31,7 +31,7 @@ def ensure_ray(cfg: RunConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {k: v for k, v in WORKER_ENV.items() if v}
     runtime_env = {"env_vars": env}
-    if address:
+    if address and address != "local":
         logger.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return

@@ -64,7 +64,7 @@ class SD3Adapter:
             if self.model_index.get("text_encoder_3", [None])[0] is None:
                 extra.update(text_encoder_3=None, tokenizer_3=None)
             pipe = StableDiffusion3Pipeline.from_pretrained(
-                self.pretrained, transformer=None, torch_dtype=self.dtype, **extra
+                self.pretrained, transformer=None, dtype=self.dtype, **extra
             )
             for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
                 module = getattr(pipe, name, None)
@@ -132,10 +132,10 @@ class SD3Adapter:
 
         if path is None:
             model = SD3Transformer2DModel.from_pretrained(
-                self.pretrained, subfolder="transformer", torch_dtype=dtype
+                self.pretrained, subfolder="transformer", dtype=dtype
             )
         else:
-            model = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype)
+            model = SD3Transformer2DModel.from_pretrained(path, dtype=dtype)
         return model
 
     def sigmas(self, t: Tensor) -> Tensor:
@@ -168,7 +168,7 @@ class SD3Adapter:
             extra.update(text_encoder_3=None, tokenizer_3=None)
         if denoiser is not None:
             extra["transformer"] = denoiser
-        pipe = StableDiffusion3Pipeline.from_pretrained(self.pretrained, torch_dtype=dtype, **extra)
+        pipe = StableDiffusion3Pipeline.from_pretrained(self.pretrained, dtype=dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

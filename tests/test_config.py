@@ -1,0 +1,80 @@
+"""The run schema: defaults, overrides, loud errors for unknown keys and invalid combinations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefopt_core.config import ConfigError, RunConfig, apply_overrides, flatten, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_overrides_are_parsed_as_yaml_scalars():
+    """``train.max_steps=7`` sets an int, ``reference.delta=.inf`` a float infinity, a new nested key a dict."""
+    data = apply_overrides({}, ["train.max_steps=7", "reference.delta=.inf", "run.name=x y"])
+    assert data == {"train": {"max_steps": 7}, "reference": {"delta": math.inf}, "run": {"name": "x y"}}
+    cfg = load_config(None, ["train.max_steps=7", "reference.delta=.inf"])
+    assert cfg.train.max_steps == 7 and cfg.reference.delta == math.inf
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.max_stepz=3"])
+    msg = str(err.value)
+    assert "train.max_stepz" in msg and "max_steps" in msg and "zero_stage" in msg
+
+
+def test_unknown_literal_lists_valid_options():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.name=ipo"])
+    assert "dpo" in str(err.value) and "mapo" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["loss.name=mapo"], "reference-free"),
+        (["loss.name=mapo", "reference.strategy=periodic"], "reference-free"),
+        (["loss.name=dpo", "reference.strategy=none"], "cannot be 'none'"),
+        (["loss.name=sft", "reference.strategy=none", "timesteps.reward_scale=true"], "implicit reward"),
+        (["model.lora_rank=4", "reference.strategy=periodic"], "adapters disabled"),
+        (["train.offload_param=true", "train.zero_stage=2"], "zero_stage=3"),
+        (["train.fail_at_step=50", "train.max_steps=10"], "never fire"),
+        (["model.prediction_type=v_prediction"], "sd3 is flow matching"),
+    ],
+)
+def test_invalid_combinations_fail_with_a_reason(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value)
+
+
+def test_derived_defaults(tmp_path, monkeypatch):
+    """Paths derive from run.workdir; MLflow defaults to sqlite in the workdir unless the env says otherwise."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, [f"run.workdir={tmp_path}"])
+    assert cfg.cache_dir == tmp_path / "cache"
+    assert cfg.base_model_dir == tmp_path / "base_model" and cfg.tiny_preset == "test"
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert cfg.tracking_uri == "http://127.0.0.1:5000"
+    assert cfg.timestep_sampling == "logit_normal"
+    assert load_config(None, ["model.family=sd15"]).timestep_sampling == "uniform"
+    assert cfg.loss.resolved_beta() == 5000.0
+
+
+def test_flatten_is_dotted():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": []}) == {"a.b": 1, "a.c.d": 2, "e": []}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    """Every YAML in configs/ is valid against the schema (real-run configs included)."""
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) <= set(RunConfig.model_fields)

@@ -1,0 +1,208 @@
+"""The Ray Data latent cache: round trip, quarantine, resume after a failure, fingerprint refusal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.latent_cache import (
+    CacheMismatchError,
+    CacheSettings,
+    build_cache,
+    check_cache_matches,
+    pair_key,
+    read_manifest,
+)
+from pipelines.schema import make_pair_id, make_source_key, pair_rng
+from pipelines.synthetic import synthetic_rows, write_synthetic_pickapic
+from pipelines.tensor_columns import from_column
+from pipelines.transforms import TransformConfig, transform_pair
+from prefopt_core.models.sd3 import SD3Adapter
+from tests._corpus import bad_rows, good_row, write_pickapic_parquet
+
+pytestmark = pytest.mark.slow
+
+
+def settings_for(model_dir, **kw) -> CacheSettings:
+    base = dict(
+        family="sd3",
+        pretrained=str(model_dir),
+        resolution=32,
+        dtype="fp32",
+        max_sequence_length=256,
+        prediction_type=None,
+        crop="center",
+        random_flip=False,
+        tie_policy="drop",
+        max_image_pixels=4096 * 4096,
+        max_caption_chars=2000,
+        seed=0,
+        batch_size=8,
+    )
+    base.update(kw)
+    return CacheSettings(**base)
+
+
+def read_rows(cache_dir) -> list[dict]:
+    manifest = read_manifest(cache_dir)
+    rows = []
+    for f in manifest["files"]:
+        rows.extend(pq.read_table(cache_dir / f).to_pylist())
+    return rows
+
+
+def test_round_trip_chosen_first_ties_dropped(tmp_path, tiny_sd3, ray_cluster):
+    """Pairs in -> rows out. The synthetic source prefers the outlined image and holds ties; derivation:
+    every non-tie source row must appear exactly once with ``latents_w`` = VAE(transform(chosen image))
+    where chosen is jpg_0 if label_0 == 1 else jpg_1; every tie row (label 0.5/0.5) must be quarantined
+    with reason ``tie`` and nothing else is lost."""
+    source = write_synthetic_pickapic(
+        tmp_path / "src.parquet", num_pairs=14, seed=3, image_size=40, tie_fraction=0.25
+    )
+    src_rows = synthetic_rows(14, seed=3, image_size=40, tie_fraction=0.25)
+    ties = [i for i, r in enumerate(src_rows) if r["label_0"] == 0.5]
+    assert 0 < len(ties) < 14, "the seed must give a mix of ties and preferences"
+
+    cache = tmp_path / "cache"
+    manifest = build_cache(
+        source=str(source),
+        cache_dir=cache,
+        base_model_dir=tiny_sd3,
+        settings=settings_for(tiny_sd3),
+        rows_per_shard=4,
+    )
+    assert manifest["num_pairs"] == 14 - len(ties)
+    assert manifest["num_quarantined"] == len(ties) and manifest["quarantine"] == {"tie": len(ties)}
+    assert manifest["num_input_rows"] == 14
+
+    key = make_source_key(source)
+    rows = {r["row_index"]: r for r in read_rows(cache)}
+    assert sorted(rows) == [i for i in range(14) if i not in ties]
+    adapter = SD3Adapter(tiny_sd3)
+    shape = manifest["columns"]["latents_w"]
+    tcfg = TransformConfig(resolution=32)
+    for i, row in rows.items():
+        src = src_rows[i]
+        chosen, rejected = (
+            (src["jpg_0"], src["jpg_1"]) if src["label_0"] == 1.0 else (src["jpg_1"], src["jpg_0"])
+        )
+        assert row["pair_id"] == make_pair_id(key, i) and row["pair_key"] == pair_key(row["pair_id"])
+        assert row["swapped"] == (src["label_0"] == 0.0)
+        px = transform_pair(chosen, rejected, tcfg, pair_rng(0, row["pair_id"], "transform"))
+        pixels = torch.from_numpy(np.stack([px.w, px.l]))
+        quantised = torch.round((pixels + 1) * 127.5) / 127.5 - 1  # the cache carries uint8 pixels
+        expected = adapter.encode_images(quantised)
+        got_w = torch.from_numpy(np.array(row["latents_w"], np.float32)).view(*shape)
+        got_l = torch.from_numpy(np.array(row["latents_l"], np.float32)).view(*shape)
+        torch.testing.assert_close(got_w, expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_l, expected[1], atol=1e-5, rtol=1e-5)
+    emb = adapter.encode_prompts([src_rows[min(rows)]["caption"]])["prompt_embeds"][0]
+    got = from_column(
+        pq.read_table(cache / read_manifest(cache)["files"][0])["prompt_embeds"],
+        manifest["columns"]["prompt_embeds"],
+    )[0]
+    torch.testing.assert_close(torch.from_numpy(np.array(got)), emb, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_rows_quarantined_with_reasons(tmp_path, tiny_sd3, ray_cluster):
+    """Every row of the bad-input corpus lands in quarantine with its reason and original bytes; every
+    good row lands in the cache; the manifest counts each reason."""
+    good = [good_row(i) for i in range(6)]
+    bad = bad_rows()
+    src = write_pickapic_parquet(
+        tmp_path / "data" / "train-00000-of-00001.parquet", good + [row for row, _ in bad]
+    )
+    cache = tmp_path / "cache"
+    manifest = build_cache(
+        source=str(src),
+        cache_dir=cache,
+        base_model_dir=tiny_sd3,
+        settings=settings_for(tiny_sd3),
+        rows_per_shard=5,
+    )
+    assert manifest["num_pairs"] == len(good)
+    q = (
+        pq.read_table(cache / "quarantine").to_pylist()
+        if False
+        else [r for f in manifest["quarantine_files"] for r in pq.read_table(cache / f).to_pylist()]
+    )
+    by_row = {r["row_index"]: r for r in q}
+    for j, (row, reason) in enumerate(bad):
+        got = by_row[len(good) + j]
+        assert got["reason"] == reason, (j, got["detail"])
+        assert got["jpg_0"] == row["jpg_0"] and got["caption"] == row["caption"]
+    expected_counts: dict[str, int] = {}
+    for _, reason in bad:
+        expected_counts[reason] = expected_counts.get(reason, 0) + 1
+    assert manifest["quarantine"] == dict(sorted(expected_counts.items()))
+    assert {r["row_index"] for r in read_rows(cache)} == set(range(len(good)))
+
+
+def test_resume_after_encoder_failure_gives_identical_pairs(tmp_path, tiny_sd3, ray_cluster):
+    """An encoder actor that dies after its first batch leaves a partial cache with no manifest; the rerun
+    skips the complete fragments, redoes the rest, and ends with exactly the pair ids (and latents) of an
+    uninterrupted build: no duplicate, none missing."""
+    source = write_synthetic_pickapic(tmp_path / "src.parquet", num_pairs=20, seed=5, image_size=40)
+    settings = settings_for(tiny_sd3, batch_size=4)
+    ref = build_cache(
+        source=str(source),
+        cache_dir=tmp_path / "ref",
+        base_model_dir=tiny_sd3,
+        settings=settings,
+        rows_per_shard=4,
+    )
+    broken = tmp_path / "broken"
+    with pytest.raises(Exception, match="injected encoder failure"):
+        build_cache(
+            source=str(source),
+            cache_dir=broken,
+            base_model_dir=tiny_sd3,
+            settings=settings,
+            rows_per_shard=4,
+            fail_after_batches=1,
+        )
+    assert not (broken / "manifest.json").exists()
+    partial = list((broken / "shards").glob("*.parquet"))
+    assert 0 < len(partial) < len(ref["files"]) + 1
+    resumed = build_cache(
+        source=str(source), cache_dir=broken, base_model_dir=tiny_sd3, settings=settings, rows_per_shard=4
+    )
+    ref_rows = sorted(read_rows(tmp_path / "ref"), key=lambda r: r["pair_id"])
+    new_rows = sorted(read_rows(broken), key=lambda r: r["pair_id"])
+    assert [r["pair_id"] for r in new_rows] == [r["pair_id"] for r in ref_rows]
+    assert len({r["pair_id"] for r in new_rows}) == len(new_rows) == ref["num_pairs"]
+    for a, b in zip(ref_rows, new_rows, strict=True):
+        assert a["latents_w"] == b["latents_w"]
+    assert resumed["quarantine"] == ref["quarantine"]
+
+
+def test_mismatched_cache_is_refused(tmp_path, tiny_sd3, ray_cluster):
+    """A cache dir is never mixed across settings, and training refuses other encoders/resolutions."""
+    source = write_synthetic_pickapic(tmp_path / "src.parquet", num_pairs=4, seed=1, image_size=40)
+    cache = tmp_path / "cache"
+    manifest = build_cache(
+        source=str(source),
+        cache_dir=cache,
+        base_model_dir=tiny_sd3,
+        settings=settings_for(tiny_sd3),
+        rows_per_shard=4,
+    )
+    with pytest.raises(CacheMismatchError, match="other settings"):
+        build_cache(
+            source=str(source),
+            cache_dir=cache,
+            base_model_dir=tiny_sd3,
+            settings=settings_for(tiny_sd3, crop="random"),
+            rows_per_shard=4,
+        )
+    encoders = SD3Adapter(tiny_sd3).fingerprint()["encoders"]
+    check_cache_matches(manifest, encoders, 32, cache)  # matches: no error
+    with pytest.raises(CacheMismatchError, match="prefopt cache"):
+        check_cache_matches(manifest, {**encoders, "vae": "0" * 16}, 32, cache)
+    with pytest.raises(CacheMismatchError, match="resolution"):
+        check_cache_matches(manifest, encoders, 64, cache)
+    assert json.loads((cache / "plan.json").read_text())["fingerprint"] == manifest["fingerprint"]
