@@ -198,6 +198,10 @@ class RegenerateSection(_Section):
     guidance_scale: float = Field(5.0, ge=0)
     batch_size: int = Field(4, ge=1)
     num_actors: int = Field(1, ge=1)
+    rows_per_shard: int = Field(32, ge=1, description="Prompts per output shard (the resume unit).")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    license: str = Field("other", description="Dataset card license, e.g. 'openrail++' for SDXL outputs.")
 
 
 class OnlineSection(_Section):
@@ -217,7 +221,12 @@ class EvalSection(_Section):
     num_prompts: int | None = Field(None, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
     scorers: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "outline_style"}])
-    models: list[str] = Field(default_factory=list, description="Exported transformer/UNet dirs to compare.")
+    models: list[str] = Field(
+        default_factory=list,
+        description="Exported denoiser dirs (<workdir>/export/transformer), export dirs or full pipeline dirs; "
+        "'NAME=PATH' names one.",
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts per pipeline call.")
     baseline: str | None = Field(None, description="Base pipeline dir; default model.pretrained.")
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(1.0, ge=0)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
@@ -65,10 +65,13 @@ class LossOutput:
 
     ``losses``: ``(B,)`` per-pair loss; the trainer takes ``.mean()``.
     ``metrics``: detached scalar tensors, already averaged over the batch.
+    ``per_sample``: detached ``(B,)`` tensors for per-timestep-bin metrics; losses with an implicit reward
+    (dpo, kto) set ``"reward_margin"`` (the per-pair value whose mean is ``metrics["reward_margin"]``).
     """
 
     losses: Tensor
     metrics: dict[str, Tensor]
+    per_sample: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _check_errors(**tensors: Tensor | None) -> None:
@@ -140,7 +143,7 @@ def diffusion_dpo(
         "dpo/model_diff": _mean(model_diff),
         "dpo/ref_diff": _mean(ref_diff),
     }
-    return LossOutput(losses=losses, metrics=metrics)
+    return LossOutput(losses=losses, metrics=metrics, per_sample={"reward_margin": inside.detach()})
 
 
 def mapo_score(err: Tensor, snr_value: float) -> Tensor:
@@ -283,7 +286,9 @@ def kto(
         "kto/reward_w": _mean(reward_w),
         "kto/reward_l": _mean(reward_l),
     }
-    return LossOutput(losses=losses, metrics=metrics)
+    return LossOutput(
+        losses=losses, metrics=metrics, per_sample={"reward_margin": (reward_w - reward_l).detach()}
+    )
 
 
 @dataclass(frozen=True)

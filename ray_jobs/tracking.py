@@ -25,13 +25,21 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def default_artifact_location(uri: str) -> str | None:
+    """``sqlite:///dir/mlflow.db`` -> ``file:///dir/mlartifacts``: next to the store, not ``./mlruns`` of
+    whatever directory the process happens to run in (MLflow's default for database stores)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=default_artifact_location(uri))
     except Exception:  # created concurrently
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -113,8 +121,24 @@ class MetricBuffer:
         self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, step, timestamp ms)
         self._since_flush = 0
         self._failures = 0
+        self._skip_through = -1
+
+    def last_logged_step(self, key: str) -> int:
+        """Largest step of ``key`` already in the run (-1 if none or unreachable)."""
+        try:
+            history = _client(self.uri).get_metric_history(self.run_id, key)
+        except Exception as exc:
+            logger.warning("could not read MLflow history of %s: %s", key, exc)
+            return -1
+        return max((m.step for m in history), default=-1)
+
+    def skip_through(self, step: int) -> None:
+        """Drop values for steps <= ``step`` (already logged before a failure, so each step appears once)."""
+        self._skip_through = step
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self._skip_through:
+            return
         ts = int(time.time() * 1000)
         for k, v in metrics.items():
             self._buffer.append((k, float(v), int(step), ts))

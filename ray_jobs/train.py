@@ -28,11 +28,13 @@ from typing import Any
 import torch
 
 from prefopt_core.config import RunConfig, config_from_dict, flatten, load_config
+from prefopt_core.metrics import BinAccumulator
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "checkpoint"
 COMPLETE_MARKER = "prefopt_checkpoint_complete.json"
+REFERENCE_FILE = "reference.pt"
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -134,6 +136,7 @@ class WorkerRecipe:
         self.rank = ctx.get_world_rank()
         self.world = ctx.get_world_size()
         self.state = TrainState()
+        self.loop_config = loop_config
 
     # -------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -161,10 +164,6 @@ class WorkerRecipe:
         policy = self.adapter.load_denoiser(dtype=torch.float32)
         if cfg.train.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
-        self.reference = None
-        if cfg.reference.strategy in ("frozen", "periodic"):
-            self.reference = self.adapter.load_denoiser(dtype=_torch_dtype(cfg.model.dtype))
-            self.reference.requires_grad_(False).eval().to(self.device)
         policy.train()
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad],
@@ -194,6 +193,9 @@ class WorkerRecipe:
             seed=cfg.run.seed,
         )
         self.columns = {k: list(v) for k, v in self.manifest["columns"].items()}
+        self.refs = self._reference_manager(self.loop_config.get("probe"))
+        self.reference = self.refs.reference
+        self.bins = BinAccumulator(self.adapter.schedule.num_train_timesteps)
         self.metrics = None
         if self.rank == 0 and self.run_id:
             from ray_jobs.tracking import MetricBuffer
@@ -202,6 +204,59 @@ class WorkerRecipe:
                 self.tracking_uri, self.run_id, Path(cfg.workdir) / "mlflow_pending.jsonl", flush_every=5
             )
         self._resume()
+
+    def _reference_manager(self, probe_table):
+        """The reference strategy: frozen/periodic reference model (sharded under ZeRO-3) or none."""
+        import deepspeed
+
+        from prefopt_core.models.base import per_sample_mse
+        from prefopt_core.reference import ReferenceManager, build_probe, zero3_copy
+
+        cfg, adapter = self.cfg, self.adapter
+        reference = None
+        if cfg.reference.strategy in ("frozen", "periodic"):
+            reference = (
+                adapter.load_denoiser(dtype=_torch_dtype(cfg.model.dtype)).requires_grad_(False).eval()
+            )
+            if cfg.train.zero_stage == 3:
+                # an inference-only engine: the reference is partitioned like the policy, no optimizer
+                ref_cfg = ds_config(cfg, self.world)
+                ref_cfg["zero_optimization"] = {"stage": 3}
+                if cfg.train.offload_param:
+                    ref_cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": False}
+                ref_cfg["bf16"] = {"enabled": cfg.model.dtype == "bf16"}
+                ref_engine, *_ = deepspeed.initialize(model=reference, config=ref_cfg)
+                ref_engine.eval()
+                reference = ref_engine.module
+            else:
+                reference.to(self.device)
+        probe = None
+        if probe_table is not None and probe_table.num_rows:
+            pb = batch_from_table(probe_table, self.columns)
+            probe = build_probe(
+                pb.latents_w,
+                {**pb.cond, **{k: v for k, v in pb.cond_w.items()}},
+                size=min(cfg.reference.probe_size, probe_table.num_rows),
+                num_train_timesteps=adapter.schedule.num_train_timesteps,
+                seed=cfg.run.seed,
+            )
+
+        def errors_fn(module, p):
+            x_t = adapter.noisy_latents(p.latents, p.noise, p.t)
+            pred = adapter.predict(module, x_t, p.t, p.cond)
+            return per_sample_mse(pred, adapter.target(p.latents, p.noise, p.t))
+
+        return ReferenceManager.from_config(
+            cfg.reference,
+            loss_name=cfg.loss.name,
+            reference=reference,
+            probe=probe,
+            errors_fn=errors_fn if probe is not None else None,
+            pretrained_fn=lambda: adapter.load_denoiser(dtype=torch.float32),
+            copy_fn=zero3_copy,
+            chunk_size=2 * cfg.train.batch_size,
+            device=self.device,
+        )
 
     def _resume(self) -> None:
         import ray.train
@@ -215,6 +270,7 @@ class WorkerRecipe:
                 )
             if self.rank == 0:
                 logger.info("no checkpoint found for run %r: starting at step 0", self.cfg.run.name)
+            self.initial_metrics = self.refs.initialize(self.engine)
             return
         with checkpoint.as_directory() as d:
             if not (Path(d) / COMPLETE_MARKER).exists():
@@ -222,7 +278,14 @@ class WorkerRecipe:
             path, client_state = self.engine.load_checkpoint(d, tag=CHECKPOINT_TAG, load_module_strict=True)
             if path is None:  # DeepSpeed returns (None, None) instead of raising
                 raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {d}")
+            self.refs.load_state_dict(client_state["reference"])
+            if not self.refs.reference_is_pretrained:
+                self.refs.load_reference_state_dict(torch.load(Path(d) / REFERENCE_FILE, weights_only=True))
         self.state = TrainState(**client_state["train_state"])
+        self.initial_metrics = {}
+        if self.metrics is not None:
+            # steps after the checkpoint were logged before the failure: log each step once
+            self.metrics.skip_through(self.metrics.last_logged_step("loss"))
         if self.rank == 0:
             logger.info(
                 "resumed from %s at step %d (epoch %d, batch %d)",
@@ -271,26 +334,37 @@ class WorkerRecipe:
             sums: dict[str, torch.Tensor] = {}
             data_s = 0.0
             for _ in range(cfg.train.grad_accum):
-                epoch = self.state.epoch
                 td = time.perf_counter()
                 batch = next(batches).to(self.device)
                 data_s += time.perf_counter() - td
+                epoch = self.state.epoch  # read after next(): the batch may have opened a new epoch
                 out = self.objective(self.engine, batch, epoch=epoch, reference=self.reference)
                 self.engine.backward(out.loss)
                 self.engine.step()
                 for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                     sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
+                if "reward_margin" in out.out.per_sample:
+                    self.bins.update(out.t, out.out.per_sample["reward_margin"])
             self.state.step += 1
             self._maybe_inject_fault()
+            ref_metrics = self.refs.on_optimizer_step(self.state.step, self.engine)  # every rank (collective)
             step_time = time.perf_counter() - t0
             metrics = self._reduce(sums)
+            metrics.update(ref_metrics)  # identical on every rank: no reduction
+            if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.max_steps:
+                metrics.update(self._eval_metrics())
             pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
-            metrics.update(lr=self.scheduler.get_last_lr()[0], pairs_per_s=pairs / step_time,
-                           **{"time/step_s": step_time, "time/data_s": data_s})
+            metrics.update(
+                lr=self.scheduler.get_last_lr()[0],
+                pairs_per_s=pairs / step_time,
+                **{"time/step_s": step_time, "time/data_s": data_s},
+            )
             grad_norm = self.engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
             if self.metrics is not None:
+                if self.state.step == 1 and self.initial_metrics:
+                    self.metrics.log(self.initial_metrics, 0)
                 self.metrics.log(metrics, self.state.step)
             last = metrics
             if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
@@ -300,14 +374,27 @@ class WorkerRecipe:
         return last
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean over workers of the per-step metrics (on the device: NCCL only reduces GPU tensors)."""
         import torch.distributed as dist
 
         keys = sorted(sums)
-        vec = torch.stack([sums[k].detach().float().cpu() for k in keys])
+        vec = torch.stack([sums[k].detach().float().to(self.device) for k in keys])
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(vec)
             vec /= self.world
-        return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
+        return {k: float(v) for k, v in zip(keys, vec.cpu().tolist(), strict=True)}
+
+    def _eval_metrics(self) -> dict[str, float]:
+        """KL estimates on the probe and per-timestep-bin accuracy/margin since the last eval."""
+        import torch.distributed as dist
+
+        out = self.refs.measure(self.engine) if self.refs.probe is not None else {}
+        vec = self.bins.to_tensor().to(self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(vec)
+        out.update(BinAccumulator.from_tensor(vec.cpu(), self.adapter.schedule.num_train_timesteps).compute())
+        self.bins.reset()
+        return out
 
     def _maybe_inject_fault(self) -> None:
         cfg = self.cfg
@@ -328,9 +415,13 @@ class WorkerRecipe:
         self.engine.save_checkpoint(
             str(tmp),
             tag=CHECKPOINT_TAG,
-            client_state={"train_state": vars(self.state).copy()},
+            client_state={"train_state": vars(self.state).copy(), "reference": self.refs.state_dict()},
             save_latest=False,
         )
+        if not self.refs.reference_is_pretrained:  # a moved reference: its weights go with the checkpoint
+            ref_state = self.refs.reference_state_dict(rank0_only=True)  # collective under ZeRO-3
+            if self.rank == 0:
+                torch.save(ref_state, tmp / REFERENCE_FILE)
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:
@@ -513,6 +604,7 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     # Latent caches are compact: materialise once so every epoch re-reads the object store, not parquet
     # (a streaming re-read per epoch costs seconds of task start-up on small machines).
     dataset = dataset.materialize()
+    probe = dataset.take_batch(cfg.reference.probe_size, batch_format="pyarrow")
     use_gpu = (
         cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     )
@@ -526,6 +618,7 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
             "tracking_uri": uri,
             "base_model_dir": str(base),
             "export_dir": str(export_dir),
+            "probe": probe,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
