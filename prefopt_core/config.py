@@ -68,6 +68,15 @@ class ModelSection(_Section):
     )
     lora_rank: int = Field(0, ge=0, description="0: full fine-tuning; >0: LoRA rank via peft.")
     lora_alpha: float | None = Field(None, description="LoRA alpha; default = rank.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Module names (suffixes) that get LoRA adapters (attention projections by default).",
+    )
+    init_denoiser: str | None = Field(
+        None,
+        description="Start the policy (and a frozen/periodic reference) from this save_pretrained denoiser dir "
+        "instead of the pipeline's own (e.g. the export of an earlier round); VAE/text encoders stay the base's.",
+    )
     max_sequence_length: int = Field(256, ge=1, description="SD3 T5 token length (pipeline default 256).")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="SD1.5/SDXL: override the scheduler's prediction type."

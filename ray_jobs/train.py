@@ -109,6 +109,42 @@ def batch_from_table(table, columns: dict[str, list[int]]):
     )
 
 
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: list[str]) -> torch.nn.Module:
+    """Freeze ``model`` and inject trainable LoRA adapters (peft) into its attention projections."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("LoRA rank %d on %s: %d trainable parameters", rank, targets, trainable)
+    return model
+
+
+class AdaptersDisabled(torch.nn.Module):
+    """The LoRA policy's base model as the reference: same module, adapters switched off for the call."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self._policy = [policy]  # a list keeps it out of this module's parameters/state_dict
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self._policy[0]
+
+    def forward(self, *args, **kwargs):
+        self.policy.disable_adapters()
+        try:
+            with torch.no_grad():
+                return self.policy(*args, **kwargs)
+        finally:
+            self.policy.enable_adapters()
+
+    def parameters(self, recurse: bool = True):
+        return self.policy.parameters(recurse)
+
+
 # ------------------------------------------------------------------------------------------- worker
 @dataclass
 class TrainState:
@@ -161,9 +197,11 @@ class WorkerRecipe:
             max_sequence_length=cfg.model.max_sequence_length,
             prediction_type=cfg.model.prediction_type,
         )
-        policy = self.adapter.load_denoiser(dtype=torch.float32)
+        policy = self.adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32)
         if cfg.train.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
+        if cfg.model.lora_rank > 0:
+            policy = add_lora(policy, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         policy.train()
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad],
@@ -214,10 +252,12 @@ class WorkerRecipe:
 
         cfg, adapter = self.cfg, self.adapter
         reference = None
-        if cfg.reference.strategy in ("frozen", "periodic"):
-            reference = (
-                adapter.load_denoiser(dtype=_torch_dtype(cfg.model.dtype)).requires_grad_(False).eval()
-            )
+        init = cfg.model.init_denoiser
+        if cfg.reference.strategy in ("frozen", "periodic") and cfg.model.lora_rank > 0:
+            reference = AdaptersDisabled(self.engine.module)  # the base model, no second copy
+        elif cfg.reference.strategy in ("frozen", "periodic"):
+            reference = adapter.load_denoiser(init, dtype=_torch_dtype(cfg.model.dtype))
+            reference.requires_grad_(False).eval()
             if cfg.train.zero_stage == 3:
                 # an inference-only engine: the reference is partitioned like the policy, no optimizer
                 ref_cfg = ds_config(cfg, self.world)
@@ -252,7 +292,7 @@ class WorkerRecipe:
             reference=reference,
             probe=probe,
             errors_fn=errors_fn if probe is not None else None,
-            pretrained_fn=lambda: adapter.load_denoiser(dtype=torch.float32),
+            pretrained_fn=lambda: adapter.load_denoiser(init, dtype=torch.float32),
             copy_fn=zero3_copy,
             chunk_size=2 * cfg.train.batch_size,
             device=self.device,
@@ -439,31 +479,18 @@ class WorkerRecipe:
 
     # -------------------------------------------------------------- export + cleanup
     def export(self) -> None:
-        """Consolidated weights -> ``save_pretrained`` (safetensors) under ``export_dir/<denoiser>``."""
+        """Full weights (LoRA fused) under ``export_dir/<denoiser>``; LoRA adapters under ``export_dir/lora``."""
         import torch.distributed as dist
 
-        module = self.engine.module
-        if self.cfg.train.zero_stage == 3:
-            import deepspeed
+        from ray_jobs.export import export_full, export_lora, gather_full_state_dict
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = (
-                    {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-                    if self.rank == 0
-                    else None
-                )
-        else:
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        module = self.engine.module
+        state = gather_full_state_dict(module, zero_stage=self.cfg.train.zero_stage, rank=self.rank)
         if self.rank == 0:
-            fresh = type(module).from_config(module.config)
-            fresh.load_state_dict(state)
-            out = Path(self.export_dir) / self.adapter.denoiser_subfolder
-            tmp = out.with_name(out.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            fresh.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-            logger.info("exported %s to %s", self.adapter.denoiser_subfolder, out)
+            export_dir = Path(self.export_dir)
+            export_full(module, state, export_dir / self.adapter.denoiser_subfolder)
+            if self.cfg.model.lora_rank > 0:
+                export_lora(self.cfg.model.family, module, state, export_dir / "lora")
         if dist.is_initialized():
             dist.barrier()
 
