@@ -396,6 +396,34 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Make the run's local paths absolute, against the current directory.
+
+    Done once, where the config is loaded: Ray workers run in other directories, so a relative
+    ``run.workdir`` would otherwise mean a different place in every process.
+    """
+    cfg.run.workdir = _absolute(cfg.run.workdir)
+    cfg.cache.dir = _absolute(cfg.cache.dir)
+    for section, key in (
+        ("data", "source"),
+        ("model", "pretrained"),
+        ("model", "init_denoiser"),
+        ("regenerate", "prompts"),
+        ("regenerate", "output_dir"),
+        ("online", "prompts"),
+        ("eval", "prompts"),
+        ("eval", "baseline"),
+    ):
+        value = getattr(getattr(cfg, section), key)
+        if value and not value.startswith("tiny") and Path(value).expanduser().exists():
+            setattr(getattr(cfg, section), key, _absolute(value))
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from defaults), apply overrides, validate."""
     data: dict[str, Any] = {}
@@ -410,7 +438,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             )
         data = loaded
     apply_overrides(data, list(overrides or []))
-    return config_from_dict(data)
+    return resolve_paths(config_from_dict(data))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 WORKER_ENV = {
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     "TOKENIZERS_PARALLELISM": "false",
+    # an unreachable MLflow server must cost seconds per attempt, not minutes of HTTP back-off
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
 }
 
 

@@ -8,9 +8,11 @@ so it can be replayed later (``replay_pending``). Training never dies because ML
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,30 +103,59 @@ def set_terminated(uri: str, run_id: str, status: str = "FINISHED") -> None:
         logger.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
 
 
+@dataclass(frozen=True)
+class RunIdentity:
+    """How to find (or create) a run when its id is not known yet (tracking server down at start)."""
+
+    experiment: str
+    run_key: str
+    run_name: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
 class MetricBuffer:
-    """Batched, retrying, spill-to-disk metric logging for one run (used on rank 0 only)."""
+    """Batched, retrying, spill-to-disk metric logging for one run (used on rank 0 only).
+
+    ``run_id=None`` (the server was unreachable when training started): every flush first tries to find or
+    create the run from ``identity``; values that cannot be sent are kept and, beyond ``max_buffer`` or at
+    close, appended to ``pending_path`` with the run's identity so :func:`replay_pending` can send them.
+    """
 
     def __init__(
         self,
         uri: str,
-        run_id: str,
+        run_id: str | None,
         pending_path: str | Path,
         *,
+        identity: RunIdentity | None = None,
         flush_every: int = 10,
         max_buffer: int = 10_000,
     ) -> None:
+        if run_id is None and identity is None:
+            raise ValueError("MetricBuffer needs a run_id or a RunIdentity to create the run later")
         self.uri = uri
         self.run_id = run_id
+        self.identity = identity
         self.pending_path = Path(pending_path)
         self.flush_every = flush_every
         self.max_buffer = max_buffer
         self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, step, timestamp ms)
         self._since_flush = 0
-        self._failures = 0
         self._skip_through = -1
+
+    def _ensure_run(self) -> str:
+        if self.run_id is None:
+            ident = self.identity
+            self.run_id, _ = find_or_create_run(
+                self.uri, ident.experiment, ident.run_key, ident.run_name, ident.tags
+            )
+            logger.info("MLflow reachable again: logging to run %s", self.run_id)
+        return self.run_id
 
     def last_logged_step(self, key: str) -> int:
         """Largest step of ``key`` already in the run (-1 if none or unreachable)."""
+        if self.run_id is None:
+            return -1
         try:
             history = _client(self.uri).get_metric_history(self.run_id, key)
         except Exception as exc:
@@ -154,15 +185,14 @@ class MetricBuffer:
         from mlflow.entities import Metric
 
         try:
+            run_id = self._ensure_run()
             client = _client(self.uri)
-            for i in range(0, len(self._buffer), 1000):
-                chunk = self._buffer[i : i + 1000]
-                client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, s, ts in chunk])
-            self._buffer.clear()
-            self._failures = 0
+            while self._buffer:
+                chunk = self._buffer[:1000]
+                client.log_batch(run_id, metrics=[Metric(k, v, ts, s) for k, v, s, ts in chunk])
+                del self._buffer[:1000]
             return True
         except Exception as exc:
-            self._failures += 1
             logger.warning(
                 "MLflow unreachable (%s); keeping %d metric values for retry", exc, len(self._buffer)
             )
@@ -175,12 +205,17 @@ class MetricBuffer:
         if not self._buffer:
             return
         self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+        ident = asdict(self.identity) if self.identity else None
         with self.pending_path.open("a") as fh:
             for k, v, s, ts in self._buffer:
-                fh.write(
-                    json.dumps({"run_id": self.run_id, "key": k, "value": v, "step": s, "ts": ts}) + "\n"
-                )
-        logger.warning("spilled %d metric values to %s", len(self._buffer), self.pending_path)
+                row = {"run_id": self.run_id, "identity": ident, "key": k, "value": v, "step": s, "ts": ts}
+                fh.write(json.dumps(row) + "\n")
+        logger.warning(
+            "spilled %d metric values to %s; send them later with `python -m ray_jobs.tracking replay %s --uri URI`",
+            len(self._buffer),
+            self.pending_path,
+            self.pending_path,
+        )
         self._buffer.clear()
 
     def close(self) -> None:
@@ -189,7 +224,8 @@ class MetricBuffer:
 
 
 def replay_pending(uri: str, pending_path: str | Path) -> int:
-    """Send spilled metrics to MLflow; returns how many were sent (the file is removed on success)."""
+    """Send spilled metrics to MLflow (creating runs that never reached the server); returns how many were
+    sent. The file is removed once everything is sent."""
     from mlflow.entities import Metric
 
     path = Path(pending_path)
@@ -198,8 +234,17 @@ def replay_pending(uri: str, pending_path: str | Path) -> int:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     client = _client(uri)
     by_run: dict[str, list] = {}
+    resolved: dict[str, str] = {}
     for r in rows:
-        by_run.setdefault(r["run_id"], []).append(Metric(r["key"], r["value"], r["ts"], r["step"]))
+        run_id = r.get("run_id")
+        if run_id is None:
+            ident = RunIdentity(**r["identity"])
+            if ident.run_key not in resolved:
+                resolved[ident.run_key], _ = find_or_create_run(
+                    uri, ident.experiment, ident.run_key, ident.run_name, ident.tags
+                )
+            run_id = resolved[ident.run_key]
+        by_run.setdefault(run_id, []).append(Metric(r["key"], r["value"], r["ts"], r["step"]))
     for run_id, metrics in by_run.items():
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i : i + 1000])
@@ -247,3 +292,21 @@ def log_cache_input(uri: str, run_id: str, manifest: dict[str, Any], cache_dir: 
     counts = {f"quarantine/{k}": v for k, v in manifest.get("quarantine", {}).items()}
     if counts:
         log_metrics(uri, run_id, counts, step=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ray_jobs.tracking replay PENDING.jsonl --uri URI``: send metrics spilled while MLflow
+    was unreachable."""
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.tracking")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("replay", help="send spilled metrics")
+    rp.add_argument("pending", help="the mlflow_pending.jsonl of a workdir")
+    rp.add_argument("--uri", required=True, help="MLflow tracking URI")
+    ns = parser.parse_args(argv)
+    sent = replay_pending(ns.uri, ns.pending)
+    print(f"sent {sent} metric values to {ns.uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

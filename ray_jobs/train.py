@@ -13,6 +13,7 @@ logged by rank 0, sharded checkpoints reported to Ray, resume from the latest on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -165,6 +166,7 @@ class WorkerRecipe:
         self.cfg = config_from_dict(loop_config["config"])
         self.manifest = loop_config["manifest"]
         self.run_id: str | None = loop_config.get("run_id")
+        self.run_identity = loop_config.get("run_identity")
         self.tracking_uri: str = loop_config["tracking_uri"]
         self.base_model_dir = loop_config["base_model_dir"]
         self.export_dir = loop_config["export_dir"]
@@ -235,11 +237,15 @@ class WorkerRecipe:
         self.reference = self.refs.reference
         self.bins = BinAccumulator(self.adapter.schedule.num_train_timesteps)
         self.metrics = None
-        if self.rank == 0 and self.run_id:
+        if self.rank == 0:
             from ray_jobs.tracking import MetricBuffer
 
             self.metrics = MetricBuffer(
-                self.tracking_uri, self.run_id, Path(cfg.workdir) / "mlflow_pending.jsonl", flush_every=5
+                self.tracking_uri,
+                self.run_id,
+                Path(cfg.workdir) / "mlflow_pending.jsonl",
+                identity=self.run_identity,
+                flush_every=5,
             )
         self._resume()
 
@@ -533,7 +539,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 @dataclass
 class TrainSummary:
     mlflow_tracking_uri: str
-    mlflow_run_id: str
+    mlflow_run_id: str | None
     export_dir: str | None
     checkpoint: str | None
     final_metrics: dict[str, float]
@@ -561,6 +567,49 @@ def prepare_base_model(cfg: RunConfig) -> Path:
             "first (e.g. `huggingface-cli download <id> --local-dir DIR`) and pass the directory"
         )
     return path
+
+
+def open_tracking_run(cfg: RunConfig, manifest: dict, parent_run_id: str | None):
+    """Find (resume) or create the MLflow run of this training run and log its config and inputs.
+
+    Returns ``(identity, run_id, resumed)``. An unreachable tracking server does not stop training:
+    ``run_id`` is then ``None`` and rank 0 creates the run as soon as the server answers, or spills the
+    metrics to ``<workdir>/mlflow_pending.jsonl`` for ``python -m ray_jobs.tracking replay``.
+    """
+    from ray_jobs import tracking
+
+    uri, workdir = cfg.tracking_uri, cfg.workdir
+    run_key = f"{cfg.run.name}@{workdir}"
+    tags = {"prefopt.command": "train", "prefopt.family": cfg.model.family, "prefopt.loss": cfg.loss.name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    identity = tracking.RunIdentity(cfg.tracking.experiment, run_key, cfg.run.name, tags)
+    (workdir / "resolved_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    try:
+        run_id, resumed = tracking.find_or_create_run(
+            uri, cfg.tracking.experiment, run_key, cfg.run.name, tags
+        )
+        if cfg.train.resume == "never" and resumed:
+            tracking.set_terminated(uri, run_id, "KILLED")
+            identity = tracking.RunIdentity(
+                cfg.tracking.experiment, f"{run_key}#{int(time.time())}", cfg.run.name, tags
+            )
+            run_id, resumed = tracking.find_or_create_run(
+                uri, identity.experiment, identity.run_key, cfg.run.name, tags
+            )
+        tracking.log_params_once(uri, run_id, flatten(cfg.to_dict()))
+        tracking.log_cache_input(uri, run_id, manifest, cfg.cache_dir)
+        tracking.log_artifact(uri, run_id, workdir / "resolved_config.json")
+        return identity, run_id, resumed
+    except Exception as exc:
+        logger.warning(
+            "MLflow at %s is unreachable (%s): training goes on; metrics will be sent when it "
+            "answers or spilled to %s",
+            uri,
+            exc,
+            workdir / "mlflow_pending.jsonl",
+        )
+        return identity, None, False
 
 
 def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSummary:
@@ -598,30 +647,13 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     storage = workdir / "ray_results"
     if cfg.train.resume == "never" and (storage / cfg.run.name).exists():
         shutil.rmtree(storage / cfg.run.name)
-    uri = cfg.tracking_uri
-    run_key = f"{cfg.run.name}@{workdir}"
-    run_id, resumed = tracking.find_or_create_run(
-        uri,
-        cfg.tracking.experiment,
-        run_key,
-        cfg.run.name,
-        tags={"prefopt.command": "train", "prefopt.family": cfg.model.family, "prefopt.loss": cfg.loss.name},
-        parent_run_id=parent_run_id,
-    )
-    if cfg.train.resume == "never" and resumed:
-        tracking.set_terminated(uri, run_id, "KILLED")
-        run_id, resumed = tracking.find_or_create_run(
-            uri,
-            cfg.tracking.experiment,
-            f"{run_key}#{int(time.time())}",
-            cfg.run.name,
-            tags={"prefopt.command": "train"},
-            parent_run_id=parent_run_id,
+    if cfg.train.resume == "require" and not any((storage / cfg.run.name).glob("step_*")):
+        raise FileNotFoundError(
+            f"train.resume=require but run {cfg.run.name!r} has no checkpoint under {storage / cfg.run.name}; "
+            "check run.name and run.workdir, or use train.resume=auto to start from step 0"
         )
-    tracking.log_params_once(uri, run_id, flatten(cfg.to_dict()))
-    tracking.log_cache_input(uri, run_id, manifest, cfg.cache_dir)
-    (workdir / "resolved_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    tracking.log_artifact(uri, run_id, workdir / "resolved_config.json")
+    uri = cfg.tracking_uri
+    identity, run_id, resumed = open_tracking_run(cfg, manifest, parent_run_id)
 
     needed = ["pair_key", *manifest["columns"].keys()]
     files = [str(cfg.cache_dir / f) for f in manifest["files"]]
@@ -642,6 +674,7 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
             "config": cfg.to_dict(),
             "manifest": manifest,
             "run_id": run_id,
+            "run_identity": identity,
             "tracking_uri": uri,
             "base_model_dir": str(base),
             "export_dir": str(export_dir),
@@ -664,16 +697,19 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     try:
         result = trainer.fit()
     except BaseException:
-        tracking.set_terminated(uri, run_id, "FAILED")
+        if run_id is not None:
+            tracking.set_terminated(uri, run_id, "FAILED")
         raise
     final = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    tracking.log_metrics(
-        uri,
-        run_id,
-        {"num_pairs": manifest["num_pairs"], "num_quarantined": manifest["num_quarantined"]},
-        step=0,
-    )
-    tracking.set_terminated(uri, run_id, "FINISHED")
+    if run_id is None:  # the server was down at start; rank 0 may have created the run since
+        with contextlib.suppress(Exception):
+            run_id, _ = tracking.find_or_create_run(
+                uri, identity.experiment, identity.run_key, identity.run_name, identity.tags
+            )
+    if run_id is not None:
+        counts = {"num_pairs": manifest["num_pairs"], "num_quarantined": manifest["num_quarantined"]}
+        tracking.log_metrics(uri, run_id, counts, step=0)
+        tracking.set_terminated(uri, run_id, "FINISHED")
     summary = TrainSummary(
         mlflow_tracking_uri=uri,
         mlflow_run_id=run_id,
