@@ -612,11 +612,19 @@ def open_tracking_run(cfg: RunConfig, manifest: dict, parent_run_id: str | None)
         return identity, None, False
 
 
+def _ordered_ingest():
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSummary:
     """Train from the latent cache on Ray; returns (and writes) the run summary."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -693,6 +701,9 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
         ),
         datasets={"train": dataset},
+        # ordered splits: every worker sees the same pairs in the same order on every (re)start, which
+        # is what makes resumed runs and ZeRO stages reproduce each other
+        dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
     try:
         result = trainer.fit()
