@@ -74,6 +74,12 @@ class CacheSettings:
     max_caption_chars: int
     seed: int
     batch_size: int = 16
+    micro_conditioning: str = "per_image"
+
+
+def model_fingerprint(adapter) -> dict:
+    """What a cache's rows depend on in the model: encoder hashes and encoding settings (not its path)."""
+    return {k: v for k, v in adapter.fingerprint().items() if k != "pretrained"}
 
 
 def pair_key(pair_id: str) -> int:
@@ -128,7 +134,6 @@ def _read_validate_transform(batch: pa.Table, *, settings: dict, out_dir: str) -
                 "original_size_w",
                 "original_size_l",
                 "crop_top_left",
-                "crop_top_left_l",
                 "crop_top_left_l",
                 "flipped",
             )
@@ -227,7 +232,7 @@ class LatentEncoder:
     def __init__(
         self, settings: dict, base_model_dir: str, out_dir: str, fail_after_batches: int | None = None
     ) -> None:
-        from prefopt_core.models.base import get_adapter
+        from prefopt_core.models.base import adapter_for
 
         self.out_dir = out_dir
         self.fail_after_batches = fail_after_batches  # fault injection for resume tests
@@ -236,14 +241,7 @@ class LatentEncoder:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.resolution = s.resolution
-        self.adapter = get_adapter(
-            s.family,
-            base_model_dir,
-            dtype=s.dtype,
-            device=device,
-            max_sequence_length=s.max_sequence_length,
-            prediction_type=s.prediction_type,
-        )
+        self.adapter = adapter_for(s, base_model_dir, device=device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Encode a batch and write it (so a finished batch survives a later failure); -> stats rows."""
@@ -407,21 +405,15 @@ def build_cache(
     """Build (or finish) the cache; returns the manifest dict. Ray must already be initialised."""
     import ray
 
-    from prefopt_core.models.base import get_adapter
+    from prefopt_core.models.base import adapter_for
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for tmp in cache_dir.rglob(".*.tmp"):
         tmp.unlink()
     fragments = resolve_source(source, split=split, rows_per_fragment=rows_per_shard, max_pairs=max_pairs)
-    adapter = get_adapter(
-        settings.family,
-        base_model_dir,
-        dtype=settings.dtype,
-        max_sequence_length=settings.max_sequence_length,
-        prediction_type=settings.prediction_type,
-    )
-    fp = plan_fingerprint(settings, adapter.fingerprint()["encoders"], fragments)
+    adapter = adapter_for(settings, base_model_dir)
+    fp = plan_fingerprint(settings, model_fingerprint(adapter), fragments)
     plan_path = cache_dir / PLAN
     if plan_path.exists():
         old = json.loads(plan_path.read_text())

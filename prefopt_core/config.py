@@ -78,6 +78,11 @@ class ModelSection(_Section):
         "instead of the pipeline's own (e.g. the export of an earlier round); VAE/text encoders stay the base's.",
     )
     max_sequence_length: int = Field(256, ge=1, description="SD3 T5 token length (pipeline default 256).")
+    micro_conditioning: Literal["per_image", "constant"] = Field(
+        "per_image",
+        description="SDXL time ids: per_image (each image's original size + crop, as diffusers' SDXL scripts) "
+        "or constant (R, R, 0, 0, R, R), as the official Diffusion-DPO code.",
+    )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="SD1.5/SDXL: override the scheduler's prediction type."
     )
@@ -290,6 +295,8 @@ class RunConfig(_Section):
             raise ValueError("train.offload_optimizer needs train.zero_stage >= 1.")
         if self.train.fail_at_step is not None and self.train.fail_at_step > self.train.max_steps:
             raise ValueError("train.fail_at_step is after train.max_steps: the fault would never fire.")
+        if self.model.micro_conditioning != "per_image" and self.model.family != "sdxl":
+            raise ValueError("model.micro_conditioning applies to sdxl only.")
         if self.model.prediction_type is not None and self.model.family == "sd3":
             raise ValueError("model.prediction_type applies to sd15/sdxl; sd3 is flow matching.")
         return self

@@ -53,6 +53,7 @@ def cache_settings(cfg: RunConfig, base_model_dir: Path):
         max_caption_chars=cfg.data.max_caption_chars,
         seed=cfg.run.seed,
         batch_size=cfg.cache.batch_size,
+        micro_conditioning=cfg.model.micro_conditioning,
     )
 
 

@@ -159,24 +159,15 @@ def _log_to_mlflow(uri: str, run_id: str, results: dict, seeds: list[int], files
 
 
 # ------------------------------------------------------------------------------------------- recipe
-def adapter_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """The ``get_adapter`` keyword arguments a config implies (shared by the baseline and full pipelines)."""
-    return {
-        "dtype": cfg.model.dtype,
-        "max_sequence_length": cfg.model.max_sequence_length,
-        "prediction_type": cfg.model.prediction_type,
-    }
-
-
 def load_pipeline(cfg: RunConfig, adapter, source: ModelSource | None, device: torch.device):
     """The baseline pipeline (``source=None``), a full pipeline directory, or the baseline with a denoiser."""
-    from prefopt_core.models.base import TORCH_DTYPES, get_adapter
+    from prefopt_core.models.base import TORCH_DTYPES, adapter_for
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
     if source is None:
         pipe = adapter.pipeline(dtype=dtype)
     elif source.kind == "pipeline":
-        pipe = get_adapter(cfg.model.family, source.path, **adapter_kwargs(cfg)).pipeline(dtype=dtype)
+        pipe = adapter_for(cfg.model, source.path).pipeline(dtype=dtype)
     else:
         pipe = adapter.pipeline(adapter.load_denoiser(source.path, dtype=dtype), dtype=dtype)
     pipe.to(device)  # components were loaded in `dtype` already; a cast here would bypass keep-in-fp32 lists
@@ -246,14 +237,14 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
     """
     from pipelines.evaluation import load_prompts, summarize
     from pipelines.rewards import build_scorer
-    from prefopt_core.models.base import get_adapter
+    from prefopt_core.models.base import adapter_for
     from ray_jobs import tracking
 
     seeds = list(cfg.eval.seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"eval.seeds must be a non-empty list of distinct seeds, got {seeds}")
     base = baseline_dir(cfg)
-    adapter = get_adapter(cfg.model.family, base, **adapter_kwargs(cfg))
+    adapter = adapter_for(cfg.model, base)
     sources = resolve_models(list(cfg.eval.models), adapter.denoiser_subfolder)
     if not sources:
         logger.warning("eval.models is empty: scoring the baseline only (no win rates)")

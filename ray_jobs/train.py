@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_TAG = "checkpoint"
 COMPLETE_MARKER = "prefopt_checkpoint_complete.json"
 REFERENCE_FILE = "reference.pt"
+#: Cache columns that describe image geometry (already folded into conditioning): not read for training.
+GEOMETRY_COLUMNS = ("original_size_w", "original_size_l", "crop_top_left", "crop_top_left_l")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -180,7 +182,7 @@ class WorkerRecipe:
     def setup(self) -> None:
         import deepspeed
 
-        from prefopt_core.models.base import get_adapter
+        from prefopt_core.models.base import adapter_for
         from prefopt_core.objective import PreferenceObjective, TimestepConfig
 
         cfg = self.cfg
@@ -192,13 +194,7 @@ class WorkerRecipe:
         )
         if self.device.type == "cpu":
             patch_deepspeed_for_cpu()
-        self.adapter = get_adapter(
-            cfg.model.family,
-            self.base_model_dir,
-            dtype=cfg.model.dtype,
-            max_sequence_length=cfg.model.max_sequence_length,
-            prediction_type=cfg.model.prediction_type,
-        )
+        self.adapter = adapter_for(cfg.model, self.base_model_dir)
         policy = self.adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32)
         if cfg.train.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
@@ -628,8 +624,8 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.latent_cache import check_cache_matches, read_manifest
-    from prefopt_core.models.base import get_adapter
+    from pipelines.latent_cache import check_cache_matches, model_fingerprint, read_manifest
+    from prefopt_core.models.base import adapter_for
     from ray_jobs import tracking
     from ray_jobs.cluster import ensure_ray
 
@@ -638,14 +634,8 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     workdir.mkdir(parents=True, exist_ok=True)
     base = prepare_base_model(cfg)
     manifest = read_manifest(cfg.cache_dir)
-    adapter = get_adapter(
-        cfg.model.family,
-        base,
-        dtype=cfg.model.dtype,
-        max_sequence_length=cfg.model.max_sequence_length,
-        prediction_type=cfg.model.prediction_type,
-    )
-    check_cache_matches(manifest, adapter.fingerprint()["encoders"], cfg.model.resolution, cfg.cache_dir)
+    adapter = adapter_for(cfg.model, base)
+    check_cache_matches(manifest, model_fingerprint(adapter), cfg.model.resolution, cfg.cache_dir)
     if manifest["num_pairs"] < cfg.train.batch_size * cfg.train.num_workers:
         raise ValueError(
             f"the cache holds {manifest['num_pairs']} pairs, fewer than one batch per worker "
@@ -665,9 +655,7 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
 
     needed = ["pair_key", *manifest["columns"].keys()]
     files = [str(cfg.cache_dir / f) for f in manifest["files"]]
-    dataset = ray.data.read_parquet(
-        files, columns=[c for c in needed if c not in ("original_size_w", "original_size_l", "crop_top_left")]
-    )
+    dataset = ray.data.read_parquet(files, columns=[c for c in needed if c not in GEOMETRY_COLUMNS])
     # Latent caches are compact: materialise once so every epoch re-reads the object store, not parquet
     # (a streaming re-read per epoch costs seconds of task start-up on small machines).
     dataset = dataset.materialize()

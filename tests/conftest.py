@@ -42,3 +42,15 @@ def ray_cluster():
     ctx.execution_options.preserve_order = True
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread in the test process: Ray workers run beside it on the same 2 cores, and
+    oversubscribed thread pools make small CPU kernels many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

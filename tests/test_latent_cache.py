@@ -14,6 +14,7 @@ from pipelines.latent_cache import (
     CacheSettings,
     build_cache,
     check_cache_matches,
+    model_fingerprint,
     pair_key,
     read_manifest,
 )
@@ -199,10 +200,12 @@ def test_mismatched_cache_is_refused(tmp_path, tiny_sd3, ray_cluster):
             settings=settings_for(tiny_sd3, crop="random"),
             rows_per_shard=4,
         )
-    encoders = SD3Adapter(tiny_sd3).fingerprint()["encoders"]
-    check_cache_matches(manifest, encoders, 32, cache)  # matches: no error
+    fp = model_fingerprint(SD3Adapter(tiny_sd3))
+    check_cache_matches(manifest, fp, 32, cache)  # matches: no error
     with pytest.raises(CacheMismatchError, match="prefopt cache"):
-        check_cache_matches(manifest, {**encoders, "vae": "0" * 16}, 32, cache)
+        check_cache_matches(manifest, {**fp, "encoders": {**fp["encoders"], "vae": "0" * 16}}, 32, cache)
+    with pytest.raises(CacheMismatchError, match="prefopt cache"):
+        check_cache_matches(manifest, {**fp, "max_sequence_length": 77}, 32, cache)
     with pytest.raises(CacheMismatchError, match="resolution"):
-        check_cache_matches(manifest, encoders, 64, cache)
+        check_cache_matches(manifest, fp, 64, cache)
     assert json.loads((cache / "plan.json").read_text())["fingerprint"] == manifest["fingerprint"]

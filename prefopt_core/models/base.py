@@ -110,6 +110,35 @@ def read_model_index(path: Path) -> dict[str, Any]:
     return json.loads(index.read_text())
 
 
+def adapter_kwargs(
+    family: str,
+    *,
+    dtype: str = "fp32",
+    max_sequence_length: int = 256,
+    prediction_type: str | None = None,
+    micro_conditioning: str = "per_image",
+) -> dict[str, Any]:
+    """The ``get_adapter`` keyword arguments of a model config (one place for every caller)."""
+    kwargs: dict[str, Any] = {"dtype": dtype, "prediction_type": prediction_type}
+    if family == "sd3":
+        kwargs["max_sequence_length"] = max_sequence_length
+    if family == "sdxl":
+        kwargs["micro_conditioning"] = micro_conditioning
+    return kwargs
+
+
+def adapter_for(model: Any, pretrained: str | Path, **extra: Any) -> ModelAdapter:
+    """The adapter of a ``ModelSection``-like object (``family``, ``dtype``, ...) for ``pretrained``."""
+    kwargs = adapter_kwargs(
+        model.family,
+        dtype=model.dtype,
+        max_sequence_length=model.max_sequence_length,
+        prediction_type=model.prediction_type,
+        micro_conditioning=getattr(model, "micro_conditioning", "per_image"),
+    )
+    return get_adapter(model.family, pretrained, **kwargs, **extra)
+
+
 def get_adapter(family: str, pretrained: str | Path, **kwargs: Any) -> ModelAdapter:
     """Construct the adapter of ``family`` for the pipeline at ``pretrained``."""
     if family == "sd3":
