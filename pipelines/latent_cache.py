@@ -75,6 +75,9 @@ class CacheSettings:
     seed: int
     batch_size: int = 16
     micro_conditioning: str = "per_image"
+    #: reference.strategy=precomputed: {"epochs", "sampling", "logit_mean", "logit_std", "gamma", "bins",
+    #: "reference"} -- the frozen reference's errors under the noise/timesteps training will draw
+    precompute: dict | None = None
 
 
 def model_fingerprint(adapter) -> dict:
@@ -242,6 +245,29 @@ class LatentEncoder:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.resolution = s.resolution
         self.adapter = adapter_for(s, base_model_dir, device=device)
+        self.reference = self.objective = None
+        if s.precompute:
+            self._setup_reference(s, device)
+
+    def _setup_reference(self, s: CacheSettings, device: str) -> None:
+        """Load the frozen reference once; its errors are computed for every (pair, epoch) at encode time."""
+        from prefopt_core.models.base import TORCH_DTYPES
+        from prefopt_core.objective import PreferenceObjective, TimestepConfig
+
+        p = s.precompute
+        self.epochs = int(p["epochs"])
+        self.reference = self.adapter.load_denoiser(p.get("reference"), dtype=TORCH_DTYPES[s.dtype])
+        self.reference.requires_grad_(False).eval().to(device)
+        timesteps = TimestepConfig(
+            sampling=p["sampling"],
+            logit_mean=p["logit_mean"],
+            logit_std=p["logit_std"],
+            gamma=p["gamma"],
+            bins=p["bins"],
+        )
+        self.objective = PreferenceObjective(
+            self.adapter, loss_name="dpo", loss_params={}, timesteps=timesteps, seed=s.seed
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Encode a batch and write it (so a finished batch survives a later failure); -> stats rows."""
@@ -291,9 +317,42 @@ class LatentEncoder:
                 *((f"{k}_l", v) for k, v in side_l.items()),
             ]
         }
+        if self.reference is not None:
+            ref_w, ref_l = self._reference_errors(batch, lat_w, lat_l, cond, side_w, side_l)
+            out = out.append_column("ref_err_w", to_column(ref_w)).append_column(
+                "ref_err_l", to_column(ref_l)
+            )
+            shapes.update(ref_err_w=[self.epochs], ref_err_l=[self.epochs])
         shapes.update(original_size_w=[2], original_size_l=[2], crop_top_left=[2], crop_top_left_l=[2])
         out = out.append_column("_shapes", pa.array([json.dumps(shapes, sort_keys=True)] * n, pa.string()))
         return out.append_column("finite", pa.array(finite.tolist(), pa.bool_()))
+
+    @torch.no_grad()
+    def _reference_errors(
+        self, batch, lat_w, lat_l, cond, side_w, side_l
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, epochs)`` reference errors of chosen and rejected, with training's per-(pair, epoch) draws."""
+        from prefopt_core.objective import PreferenceBatch
+
+        pb = PreferenceBatch(
+            pair_key=torch.from_numpy(batch["pair_key"].to_numpy().copy()),
+            latents_w=lat_w,
+            latents_l=lat_l,
+            cond=cond,
+            cond_w=side_w,
+            cond_l=side_l,
+        ).to(self.objective_device)
+        errs_w, errs_l = [], []
+        for epoch in range(self.epochs):
+            noise, t = self.objective.draw(pb, epoch)
+            e_w, e_l = self.objective.reference_errors(self.reference, pb, noise, t)
+            errs_w.append(e_w.float().cpu())
+            errs_l.append(e_l.float().cpu())
+        return torch.stack(errs_w, dim=1), torch.stack(errs_l, dim=1)  # (B, E) each
+
+    @property
+    def objective_device(self) -> torch.device:
+        return next(self.reference.parameters()).device
 
 
 def _row_shape(value: torch.Tensor) -> tuple[int, ...]:

@@ -145,6 +145,11 @@ class ReferenceSection(_Section):
     )
     on_exceed: Literal["freeze", "reinit"] = "freeze"
     probe_size: int = Field(8, ge=1, description="Preferred latents in the divergence probe set.")
+    precompute_epochs: int = Field(
+        1,
+        ge=1,
+        description="precomputed: epochs of reference errors the cache stores (one draw per pair and epoch).",
+    )
 
 
 class TimestepsSection(_Section):
@@ -277,6 +282,10 @@ class RunConfig(_Section):
         if self.timesteps.reward_scale and loss not in REFERENCE_LOSSES:
             raise ValueError(
                 f"timesteps.reward_scale scales the implicit reward of dpo/kto; loss.name={loss} has none."
+            )
+        if ref == "precomputed" and self.model.lora_rank > 0:
+            raise ValueError(
+                "reference.strategy=precomputed with LoRA is pointless: the LoRA reference is free."
             )
         if self.model.lora_rank > 0 and ref == "periodic":
             raise ValueError(

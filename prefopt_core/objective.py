@@ -118,6 +118,19 @@ def pair_errors(
     return err_w, err_l
 
 
+def precomputed_errors(batch: PreferenceBatch, epoch: int) -> tuple[Tensor, Tensor]:
+    """The cached reference errors ``(B,)`` of ``epoch`` from ``(B, E)`` columns (or ``(B,)``: one epoch)."""
+    ref_w, ref_l = batch.ref_err_w, batch.ref_err_l
+    if ref_w.ndim == 1:
+        ref_w, ref_l = ref_w[:, None], ref_l[:, None]
+    if epoch >= ref_w.shape[1]:
+        raise ValueError(
+            f"the cache holds precomputed reference errors for {ref_w.shape[1]} epoch(s), training reached "
+            f"epoch {epoch}; rebuild the cache with a larger reference.precompute_epochs"
+        )
+    return ref_w[:, epoch].float(), ref_l[:, epoch].float()
+
+
 @dataclass
 class StepOutput:
     loss: Tensor  # scalar, differentiable
@@ -174,7 +187,7 @@ class PreferenceObjective:
         ref_w = ref_l = None
         if self.spec.needs_reference:
             if batch.ref_err_w is not None:
-                ref_w, ref_l = batch.ref_err_w.float(), batch.ref_err_l.float()
+                ref_w, ref_l = precomputed_errors(batch, epoch)
             elif reference is not None:
                 ref_w, ref_l = self.reference_errors(reference, batch, noise, t)
             else:

@@ -54,7 +54,24 @@ def cache_settings(cfg: RunConfig, base_model_dir: Path):
         seed=cfg.run.seed,
         batch_size=cfg.cache.batch_size,
         micro_conditioning=cfg.model.micro_conditioning,
+        precompute=precompute_settings(cfg),
     )
+
+
+def precompute_settings(cfg: RunConfig) -> dict | None:
+    """What the cached reference errors depend on (``reference.strategy=precomputed``), else None."""
+    if cfg.reference.strategy != "precomputed":
+        return None
+    t = cfg.timesteps
+    return {
+        "epochs": cfg.reference.precompute_epochs,
+        "sampling": cfg.timestep_sampling,
+        "logit_mean": t.logit_mean,
+        "logit_std": t.logit_std,
+        "gamma": t.gamma,
+        "bins": t.bins,
+        "reference": cfg.model.init_denoiser,
+    }
 
 
 def run_cache(cfg: RunConfig) -> dict:

@@ -608,6 +608,42 @@ def open_tracking_run(cfg: RunConfig, manifest: dict, parent_run_id: str | None)
         return identity, None, False
 
 
+def epochs_needed(cfg: RunConfig, num_pairs: int) -> int:
+    """Passes over the data a run makes: each worker gets ``num_pairs // workers`` pairs (equal split) in
+    ``// batch_size`` full micro-batches; the run consumes ``max_steps * grad_accum`` micro-batches."""
+    t = cfg.train
+    per_epoch = (num_pairs // t.num_workers) // t.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{num_pairs} pairs give worker batches of fewer than {t.batch_size} pairs")
+    return math.ceil(t.max_steps * t.grad_accum / per_epoch)
+
+
+def check_precomputed(cfg: RunConfig, manifest: dict) -> None:
+    """A precomputed-reference run needs a cache whose reference errors were drawn exactly as this run
+    draws noise and timesteps, for every epoch it will reach."""
+    from ray_jobs.cache import precompute_settings
+
+    cached = manifest["fingerprint"]["settings"].get("precompute")
+    wanted = precompute_settings(cfg)
+    if cached is None:
+        raise ValueError(
+            "reference.strategy=precomputed but the cache holds no reference errors; rebuild it with "
+            "`prefopt cache CONFIG reference.strategy=precomputed cache.dir=<new dir>`"
+        )
+    differs = sorted(k for k in wanted if k != "epochs" and cached.get(k) != wanted[k])
+    if differs or manifest["fingerprint"]["settings"]["seed"] != cfg.run.seed:
+        raise ValueError(
+            f"the cache's reference errors were drawn with other settings ({', '.join(differs) or 'run.seed'}); "
+            "rebuild the cache with this config"
+        )
+    need = epochs_needed(cfg, manifest["num_pairs"])
+    if cached["epochs"] < need:
+        raise ValueError(
+            f"this run reaches {need} epoch(s) but the cache holds reference errors for {cached['epochs']}; "
+            f"rebuild it with reference.precompute_epochs={need}"
+        )
+
+
 def _ordered_ingest():
     from ray.train import DataConfig
 
@@ -641,6 +677,9 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
             f"the cache holds {manifest['num_pairs']} pairs, fewer than one batch per worker "
             f"({cfg.train.batch_size} x {cfg.train.num_workers})"
         )
+
+    if cfg.reference.strategy == "precomputed":
+        check_precomputed(cfg, manifest)
 
     storage = workdir / "ray_results"
     if cfg.train.resume == "never" and (storage / cfg.run.name).exists():
