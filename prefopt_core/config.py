@@ -192,6 +192,12 @@ class TrainSection(_Section):
         "auto", description="auto: resume if a checkpoint exists; require: fail loudly if none."
     )
     export: bool = True
+    sample_prompts: int = Field(
+        4,
+        ge=0,
+        description="Prompts of the end-of-run sample grid (base vs trained, MLflow artifact); 0: none.",
+    )
+    sample_steps: int = Field(20, ge=1, description="Inference steps of the sample grid.")
 
 
 class TrackingSection(_Section):

@@ -493,8 +493,40 @@ class WorkerRecipe:
             export_full(module, state, export_dir / self.adapter.denoiser_subfolder)
             if self.cfg.model.lora_rank > 0:
                 export_lora(self.cfg.model.family, module, state, export_dir / "lora")
+            self._sample_grid(export_dir / self.adapter.denoiser_subfolder)
         if dist.is_initialized():
             dist.barrier()
+
+    def _sample_grid(self, exported: Path) -> None:
+        """Base vs trained samples for a few training captions (same seed), logged as an MLflow artifact."""
+        from pipelines.evaluation import generate_images, image_grid
+        from ray_jobs.tracking import log_artifact
+
+        prompts = list(self.loop_config.get("sample_prompts") or [])[: self.cfg.train.sample_prompts]
+        if not prompts:
+            return
+        cfg = self.cfg
+        kwargs = {"max_sequence_length": cfg.model.max_sequence_length} if cfg.model.family == "sd3" else {}
+        rows = {}
+        for name, denoiser_dir in (("base", cfg.model.init_denoiser), ("trained", exported)):
+            denoiser = self.adapter.load_denoiser(denoiser_dir, dtype=torch.float32).to(self.device)
+            pipe = self.adapter.pipeline(denoiser).to(self.device)
+            rows[name] = generate_images(
+                pipe,
+                prompts,
+                [cfg.run.seed],
+                resolution=cfg.model.resolution,
+                num_inference_steps=cfg.train.sample_steps,
+                call_kwargs=kwargs,
+            )[0]
+            del pipe, denoiser
+        path = Path(cfg.workdir) / "samples" / f"step_{self.state.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(rows, prompts).save(path)
+        run_id = self.metrics.run_id if self.metrics is not None else None
+        if run_id:
+            log_artifact(self.tracking_uri, run_id, path, "samples")
+        logger.info("sample grid written to %s", path)
 
     def cleanup(self) -> None:
         if self.metrics is not None:
@@ -644,6 +676,20 @@ def check_precomputed(cfg: RunConfig, manifest: dict) -> None:
         )
 
 
+def sample_captions(cache_dir: Path, manifest: dict, n: int) -> list[str]:
+    """The first ``n`` distinct captions of the cache (prompts of the end-of-run sample grid)."""
+    import pyarrow.parquet as pq
+
+    out: list[str] = []
+    for f in manifest["files"]:
+        for caption in pq.read_table(cache_dir / f, columns=["caption"])["caption"].to_pylist():
+            if caption not in out:
+                out.append(caption)
+            if len(out) >= n:
+                return out
+    return out
+
+
 def _ordered_ingest():
     from ray.train import DataConfig
 
@@ -699,6 +745,7 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     # (a streaming re-read per epoch costs seconds of task start-up on small machines).
     dataset = dataset.materialize()
     probe = dataset.take_batch(cfg.reference.probe_size, batch_format="pyarrow")
+    sample_prompts = sample_captions(cfg.cache_dir, manifest, cfg.train.sample_prompts)
     use_gpu = (
         cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     )
@@ -714,6 +761,7 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
             "base_model_dir": str(base),
             "export_dir": str(export_dir),
             "probe": probe,
+            "sample_prompts": sample_prompts,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
