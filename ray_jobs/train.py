@@ -87,8 +87,11 @@ def lr_lambda(cfg: RunConfig):
 def patch_deepspeed_for_cpu() -> None:
     """Skip DeepSpeed's CPU shared-memory comm op: it is JIT-compiled (g++, ~60 s) at init and unused
     under Ray, where torch.distributed (gloo) carries every collective."""
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
+    # not `import deepspeed.comm.torch as ds_torch`: deepspeed.comm star-imports the torch package, so
+    # that name would bind the *torch package* and the patch would miss DeepSpeed's module
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 

@@ -26,6 +26,15 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_unets(tmp_path_factory) -> dict[str, Path]:
+    """``{"sdxl": dir, "sd15": dir}``: tiny UNet pipelines (built offline once per session)."""
+    from prefopt_core.models.tiny import make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("unet_models")
+    return {f: make_tiny_pipeline(root / f, family=f, seed=0) for f in ("sdxl", "sd15")}
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray shared by the session (4 logical CPUs so Data tasks are never starved by Train workers)."""
     import ray

@@ -31,12 +31,9 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def unet_dirs(tmp_path_factory):
-    """``{"sdxl": dir, "sd15": dir}`` of tiny pipelines saved with ``save_pretrained``."""
-    from prefopt_core.models.tiny import make_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("unet_models")
-    return {f: make_tiny_pipeline(root / f, family=f, seed=0) for f in FAMILIES}
+def unet_dirs(tiny_unets):
+    """``{"sdxl": dir, "sd15": dir}`` of tiny pipelines saved with ``save_pretrained`` (session fixture)."""
+    return tiny_unets
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,9 @@ def base_overrides(workdir, tiny_sd3, cache, name):
         "reference.strategy=periodic",
         "reference.tau=5",
         "train.eval_every=5",
+        "timesteps.sampling=gamma",
+        "timesteps.bins=10",
+        "timesteps.reward_scale=true",
     ]
 
 
