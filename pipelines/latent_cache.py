@@ -92,14 +92,16 @@ def pair_key(pair_id: str) -> int:
     )
 
 
-def _atomic_write(table: pa.Table, path: Path) -> None:
+def atomic_write_table(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` as parquet via a temp file + rename (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
-def _atomic_write_json(obj: Any, path: Path) -> None:
+def atomic_write_json(obj: Any, path: Path) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temp file + rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
@@ -127,7 +129,9 @@ def _read_validate_transform(batch: pa.Table, *, settings: dict, out_dir: str) -
             max_caption_chars=s.max_caption_chars,
         )
         if quarantine.num_rows:
-            _atomic_write(quarantine, Path(out_dir) / _fragment_file("quarantine", index, fragment.start))
+            atomic_write_table(
+                quarantine, Path(out_dir) / _fragment_file("quarantine", index, fragment.start)
+            )
         tcfg = TransformConfig(resolution=s.resolution, crop=s.crop, random_flip=s.random_flip)
         cols: dict[str, list] = {
             k: []
@@ -162,7 +166,7 @@ def _read_validate_transform(batch: pa.Table, *, settings: dict, out_dir: str) -
         if bad:
             rows = pairs.take(pa.array([i for i, _ in bad], pa.int64()))
             q = _quarantine_from_pairs(rows, "undecodable_image", [d for _, d in bad])
-            _atomic_write(
+            atomic_write_table(
                 q,
                 Path(out_dir)
                 / _fragment_file("quarantine", index, fragment.start).replace(
@@ -398,12 +402,12 @@ def _write_shards(batch: pa.Table, *, out_dir: str) -> pa.Table:
         good = good.replace_schema_metadata({SHAPES_KEY: shapes})
         bad = part.filter(pc.invert(finite))
         if good.num_rows:
-            _atomic_write(good, Path(out_dir) / _fragment_file("shards", int(frag), first_row))
+            atomic_write_table(good, Path(out_dir) / _fragment_file("shards", int(frag), first_row))
         if bad.num_rows:
             q = _quarantine_from_pairs(
                 bad, "nonfinite_latents", ["NaN/inf in latents or embeddings"] * bad.num_rows
             )
-            _atomic_write(
+            atomic_write_table(
                 q,
                 Path(out_dir)
                 / _fragment_file("quarantine", int(frag), first_row).replace(".parquet", "-latents.parquet"),
@@ -485,7 +489,7 @@ def build_cache(
                 "use another cache.dir or delete this one to rebuild"
             )
     else:
-        _atomic_write_json({"fingerprint": fp, "source": source}, plan_path)
+        atomic_write_json({"fingerprint": fp, "source": source}, plan_path)
     manifest_path = cache_dir / MANIFEST
 
     present = _rows_by_fragment(cache_dir)
@@ -549,7 +553,15 @@ def build_cache(
         raise RuntimeError(
             f"cache build ended with {len(missing)} incomplete fragments ({missing[:5]}...); rerun to finish"
         )
-    manifest = _write_manifest(cache_dir, fp, source, fragments, elapsed, rows_done)
+    manifest = write_manifest(
+        cache_dir,
+        fp,
+        source,
+        num_fragments=len(fragments),
+        num_input_rows=sum(f.stop - f.start for f in fragments),
+        elapsed=elapsed,
+        rows_done=rows_done,
+    )
     logger.info(
         "latent cache complete: %d pairs, %d quarantined (%s), %.1f rows/s",
         manifest["num_pairs"],
@@ -566,9 +578,20 @@ def _cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _write_manifest(
-    cache_dir: Path, fp: dict, source: str, fragments: list[Fragment], elapsed: float, rows_done: int
+def write_manifest(
+    cache_dir: Path,
+    fp: dict,
+    source: str,
+    *,
+    num_fragments: int,
+    num_input_rows: int,
+    elapsed: float,
+    rows_done: int,
+    extra: dict[str, Any] | None = None,
 ) -> dict:
+    """Describe the ``shards/`` and ``quarantine/`` files now in ``cache_dir`` in ``manifest.json`` (written
+    atomically; call it last, once the cache is complete). ``extra`` adds keys (e.g. the online rounds'
+    ``num_skipped``); it may not replace one of the manifest's own."""
     files = sorted(p.relative_to(cache_dir).as_posix() for p in (cache_dir / "shards").glob("f*.parquet"))
     qfiles = sorted(
         p.relative_to(cache_dir).as_posix() for p in (cache_dir / "quarantine").glob("f*.parquet")
@@ -585,8 +608,8 @@ def _write_manifest(
         "fingerprint": fp,
         "fingerprint_hash": fingerprint_hash(fp),
         "source": source,
-        "num_fragments": len(fragments),
-        "num_input_rows": sum(f.stop - f.start for f in fragments),
+        "num_fragments": num_fragments,
+        "num_input_rows": num_input_rows,
         "num_pairs": num_pairs,
         "num_quarantined": sum(reasons.values()),
         "quarantine": dict(sorted(reasons.items())),
@@ -596,7 +619,11 @@ def _write_manifest(
         "build_seconds": round(elapsed, 3),
         "rows_per_s": round(rows_done / elapsed, 3) if elapsed > 0 and rows_done else 0.0,
     }
-    _atomic_write_json(manifest, cache_dir / MANIFEST)
+    clash = sorted(set(extra or {}) & set(manifest))
+    if clash:
+        raise ValueError(f"extra manifest keys {clash} would replace the manifest's own")
+    manifest.update(extra or {})
+    atomic_write_json(manifest, cache_dir / MANIFEST)
     return manifest
 
 

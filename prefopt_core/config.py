@@ -233,12 +233,18 @@ class OnlineSection(_Section):
     rounds: int = Field(2, ge=1)
     prompts: str | None = None
     num_prompts: int | None = Field(None, ge=1)
-    samples_per_prompt: int = Field(4, ge=2)
-    min_margin: float = Field(0.0, ge=0)
+    samples_per_prompt: int = Field(4, ge=2, le=1000)
+    min_margin: float = Field(
+        0.0, ge=0, description="Keep best vs worst only when their score difference is strictly greater."
+    )
     steps_per_round: int = Field(10, ge=1)
     scorer: dict[str, Any] = Field(default_factory=lambda: {"name": "outline_style"})
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(1.0, ge=0)
+    batch_size: int = Field(4, ge=1, description="Prompts per pipeline call (x samples_per_prompt images).")
+    rows_per_shard: int = Field(32, ge=1, description="Prompts per cache shard (the resume unit).")
+    num_actors: int = Field(1, ge=1, description="Sampling actors (one pipeline each) in the Ray Data pool.")
+    cpus_per_actor: float = Field(1.0, gt=0)
 
 
 class EvalSection(_Section):

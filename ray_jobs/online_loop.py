@@ -17,9 +17,9 @@ Round ``r`` (``online.rounds`` of them), under ``<workdir>/online/round_{r:03d}/
 3. **eval** — :func:`ray_jobs.evaluate.run_eval` of the round's export (model name ``policy``) against the
    base pipeline, with the ``eval`` section (prompts, seeds, scorers), into ``eval/``.
 
-MLflow: one parent run (tag ``prefopt.command=online``); per round a nested run (tags
-``prefopt.command=online``, ``prefopt.round``) holding the round's metrics, with the round's training and
-eval runs nested under it. Per-round metrics (on the round run at step 0, on the parent at step ``r``):
+MLflow: one parent run ``<name>`` (tag ``prefopt.command=online``); per round a nested run
+``<name>-round{r}`` (tags ``prefopt.command=online``, ``prefopt.round``) holding the round's metrics, with
+the round's training run ``<name>-r{r}`` and eval run ``<name>-r{r}-eval`` nested under it. Per-round metrics (on the round run at step 0, on the parent at step ``r``):
 ``online/pairs_kept``, ``online/pairs_skipped``, ``online/score_chosen_mean``, ``online/score_rejected_mean``,
 ``online/margin_mean``, ``online/score_mean`` (all samples), ``train/<final metric>``, and per eval scorer
 ``eval/<scorer>/{win_rate,adoption_rate,mean,base_mean}``. A finished round leaves ``round_summary.json``;
@@ -106,6 +106,7 @@ def online_settings(cfg: RunConfig, base: Path, policy: str | None, round_index:
         dtype=cfg.model.dtype,
         max_sequence_length=cfg.model.max_sequence_length,
         prediction_type=cfg.model.prediction_type,
+        micro_conditioning=cfg.model.micro_conditioning,
         batch_size=o.batch_size,
         rows_per_shard=o.rows_per_shard,
     )
@@ -250,9 +251,8 @@ def run_round(
         "prefopt.round": str(round_index),
         "prefopt.family": cfg.model.family,
     }
-    run_id = _open_run(
-        cfg, f"{cfg.run.name}@{cfg.workdir}#online-r{round_index}", rcfg.run.name, tags, parent
-    )
+    run_key = f"{cfg.run.name}@{cfg.workdir}#online-r{round_index}"
+    run_id = _open_run(cfg, run_key, f"{cfg.run.name}-round{round_index}", tags, parent)
     try:
         manifest = generate_online_cache(
             prompts,
