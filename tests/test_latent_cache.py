@@ -11,7 +11,6 @@ import torch
 
 from pipelines.latent_cache import (
     CacheMismatchError,
-    CacheSettings,
     build_cache,
     check_cache_matches,
     model_fingerprint,
@@ -23,29 +22,10 @@ from pipelines.synthetic import synthetic_rows, write_synthetic_pickapic
 from pipelines.tensor_columns import from_column
 from pipelines.transforms import TransformConfig, transform_pair
 from prefopt_core.models.sd3 import SD3Adapter
+from tests._cache import settings_for
 from tests._corpus import bad_rows, good_row, write_pickapic_parquet
 
 pytestmark = pytest.mark.slow
-
-
-def settings_for(model_dir, **kw) -> CacheSettings:
-    base = dict(
-        family="sd3",
-        pretrained=str(model_dir),
-        resolution=32,
-        dtype="fp32",
-        max_sequence_length=256,
-        prediction_type=None,
-        crop="center",
-        random_flip=False,
-        tie_policy="drop",
-        max_image_pixels=4096 * 4096,
-        max_caption_chars=2000,
-        seed=0,
-        batch_size=8,
-    )
-    base.update(kw)
-    return CacheSettings(**base)
 
 
 def read_rows(cache_dir) -> list[dict]:
@@ -56,26 +36,35 @@ def read_rows(cache_dir) -> list[dict]:
     return rows
 
 
-def test_round_trip_chosen_first_ties_dropped(tmp_path, tiny_sd3, ray_cluster):
-    """Pairs in -> rows out. The synthetic source prefers the outlined image and holds ties; derivation:
-    every non-tie source row must appear exactly once with ``latents_w`` = VAE(transform(chosen image))
-    where chosen is jpg_0 if label_0 == 1 else jpg_1; every tie row (label 0.5/0.5) must be quarantined
-    with reason ``tie`` and nothing else is lost."""
-    source = write_synthetic_pickapic(
-        tmp_path / "src.parquet", num_pairs=14, seed=3, image_size=40, tie_fraction=0.25
-    )
-    src_rows = synthetic_rows(14, seed=3, image_size=40, tie_fraction=0.25)
-    ties = [i for i, r in enumerate(src_rows) if r["label_0"] == 0.5]
-    assert 0 < len(ties) < 14, "the seed must give a mix of ties and preferences"
+N_PAIRS = 14  # synthetic source shared by the round-trip, resume and mismatch tests (seed 3, 25 % ties)
 
-    cache = tmp_path / "cache"
+
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory, tiny_sd3, ray_cluster):
+    """One uninterrupted build: 14 rows in fragments of 4 (the last one holds 2)."""
+    root = tmp_path_factory.mktemp("reference_cache")
+    source = write_synthetic_pickapic(
+        root / "src.parquet", num_pairs=N_PAIRS, seed=3, image_size=40, tie_fraction=0.25
+    )
     manifest = build_cache(
         source=str(source),
-        cache_dir=cache,
+        cache_dir=root / "cache",
         base_model_dir=tiny_sd3,
         settings=settings_for(tiny_sd3),
         rows_per_shard=4,
     )
+    return source, root / "cache", manifest
+
+
+def test_round_trip_chosen_first_ties_dropped(reference_cache, tiny_sd3):
+    """Pairs in -> rows out. The synthetic source prefers the outlined image and holds ties; derivation:
+    every non-tie source row must appear exactly once with ``latents_w`` = VAE(transform(chosen image))
+    where chosen is jpg_0 if label_0 == 1 else jpg_1; every tie row (label 0.5/0.5) must be quarantined
+    with reason ``tie`` and nothing else is lost."""
+    source, cache, manifest = reference_cache
+    src_rows = synthetic_rows(N_PAIRS, seed=3, image_size=40, tie_fraction=0.25)
+    ties = [i for i, r in enumerate(src_rows) if r["label_0"] == 0.5]
+    assert 0 < len(ties) < N_PAIRS, "the seed must give a mix of ties and preferences"
     assert manifest["num_pairs"] == 14 - len(ties)
     assert manifest["num_quarantined"] == len(ties) and manifest["quarantine"] == {"tie": len(ties)}
     assert manifest["num_input_rows"] == 14
@@ -143,19 +132,12 @@ def test_bad_rows_quarantined_with_reasons(tmp_path, tiny_sd3, ray_cluster):
     assert {r["row_index"] for r in read_rows(cache)} == set(range(len(good)))
 
 
-def test_resume_after_encoder_failure_gives_identical_pairs(tmp_path, tiny_sd3, ray_cluster):
+def test_resume_after_encoder_failure_gives_identical_pairs(tmp_path, reference_cache, tiny_sd3):
     """An encoder actor that dies after its first batch leaves a partial cache with no manifest; the rerun
-    skips the complete fragments, redoes the rest, and ends with exactly the pair ids (and latents) of an
-    uninterrupted build: no duplicate, none missing."""
-    source = write_synthetic_pickapic(tmp_path / "src.parquet", num_pairs=20, seed=5, image_size=40)
-    settings = settings_for(tiny_sd3, batch_size=4)
-    ref = build_cache(
-        source=str(source),
-        cache_dir=tmp_path / "ref",
-        base_model_dir=tiny_sd3,
-        settings=settings,
-        rows_per_shard=4,
-    )
+    skips the complete fragments, redoes the rest, and ends with exactly the pair ids (and latents) of the
+    uninterrupted build: no duplicate, none missing, bit-identical latents."""
+    source, ref_dir, ref = reference_cache
+    settings = settings_for(tiny_sd3)  # same batch size: batched convolutions differ in the last bits
     broken = tmp_path / "broken"
     with pytest.raises(Exception, match="injected encoder failure"):
         build_cache(
@@ -168,11 +150,11 @@ def test_resume_after_encoder_failure_gives_identical_pairs(tmp_path, tiny_sd3, 
         )
     assert not (broken / "manifest.json").exists()
     partial = list((broken / "shards").glob("*.parquet"))
-    assert 0 < len(partial) < len(ref["files"]) + 1
+    assert 0 < len(partial) < len(ref["files"])
     resumed = build_cache(
         source=str(source), cache_dir=broken, base_model_dir=tiny_sd3, settings=settings, rows_per_shard=4
     )
-    ref_rows = sorted(read_rows(tmp_path / "ref"), key=lambda r: r["pair_id"])
+    ref_rows = sorted(read_rows(ref_dir), key=lambda r: r["pair_id"])
     new_rows = sorted(read_rows(broken), key=lambda r: r["pair_id"])
     assert [r["pair_id"] for r in new_rows] == [r["pair_id"] for r in ref_rows]
     assert len({r["pair_id"] for r in new_rows}) == len(new_rows) == ref["num_pairs"]
@@ -181,23 +163,15 @@ def test_resume_after_encoder_failure_gives_identical_pairs(tmp_path, tiny_sd3, 
     assert resumed["quarantine"] == ref["quarantine"]
 
 
-def test_mismatched_cache_is_refused(tmp_path, tiny_sd3, ray_cluster):
+def test_mismatched_cache_is_refused(reference_cache, tiny_sd3):
     """A cache dir is never mixed across settings, and training refuses other encoders/resolutions."""
-    source = write_synthetic_pickapic(tmp_path / "src.parquet", num_pairs=4, seed=1, image_size=40)
-    cache = tmp_path / "cache"
-    manifest = build_cache(
-        source=str(source),
-        cache_dir=cache,
-        base_model_dir=tiny_sd3,
-        settings=settings_for(tiny_sd3),
-        rows_per_shard=4,
-    )
+    source, cache, manifest = reference_cache
     with pytest.raises(CacheMismatchError, match="other settings"):
         build_cache(
             source=str(source),
             cache_dir=cache,
             base_model_dir=tiny_sd3,
-            settings=settings_for(tiny_sd3, crop="random"),
+            settings=settings_for(tiny_sd3, "data.crop=random"),
             rows_per_shard=4,
         )
     fp = model_fingerprint(SD3Adapter(tiny_sd3))

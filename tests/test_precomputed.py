@@ -6,13 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.latent_cache import CacheSettings, build_cache, read_manifest
-from pipelines.synthetic import write_synthetic_pickapic
+from pipelines.latent_cache import read_manifest
 from prefopt_core.config import load_config
 from prefopt_core.models.sd3 import SD3Adapter
 from prefopt_core.objective import PreferenceObjective, TimestepConfig
-from ray_jobs.cache import precompute_settings
 from ray_jobs.train import batch_from_table, check_precomputed, epochs_needed
+from tests._cache import synthetic_cache
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
@@ -21,43 +20,15 @@ EPOCHS = 3
 @pytest.fixture(scope="module")
 def precomputed_cache(tmp_path_factory, tiny_sd3, ray_cluster):
     root = tmp_path_factory.mktemp("precomputed")
-    source = write_synthetic_pickapic(
-        root / "src.parquet", num_pairs=6, seed=4, image_size=40, tie_fraction=0.0
+    overrides = (
+        "reference.strategy=precomputed",
+        f"reference.precompute_epochs={EPOCHS}",
+        "timesteps.sampling=gamma",
+        "timesteps.gamma=0.8",
+        "timesteps.bins=10",
+        "cache.batch_size=4",
     )
-    cfg = load_config(
-        None,
-        [
-            "reference.strategy=precomputed",
-            f"reference.precompute_epochs={EPOCHS}",
-            "timesteps.sampling=gamma",
-            "timesteps.gamma=0.8",
-            "timesteps.bins=10",
-        ],
-    )
-    settings = CacheSettings(
-        family="sd3",
-        pretrained=str(tiny_sd3),
-        resolution=32,
-        dtype="fp32",
-        max_sequence_length=256,
-        prediction_type=None,
-        crop="center",
-        random_flip=False,
-        tie_policy="drop",
-        max_image_pixels=4096 * 4096,
-        max_caption_chars=2000,
-        seed=0,
-        batch_size=4,
-        precompute=precompute_settings(cfg),
-    )
-    build_cache(
-        source=str(source),
-        cache_dir=root / "cache",
-        base_model_dir=tiny_sd3,
-        settings=settings,
-        rows_per_shard=6,
-    )
-    return root / "cache", cfg
+    return synthetic_cache(root, tiny_sd3, num_pairs=6, seed=4, rows_per_shard=6, overrides=overrides)
 
 
 def test_precomputed_loss_equals_live_reference_loss(precomputed_cache, tiny_sd3):
@@ -65,7 +36,7 @@ def test_precomputed_loss_equals_live_reference_loss(precomputed_cache, tiny_sd3
     ``pair_seed(seed, pair_key, e)``; the trainer draws the same, so with a policy that differs from the
     reference the DPO loss from cached errors equals the loss with the live frozen reference (to float
     tolerance: the only difference is batch composition of the reference forward). Epoch E must fail."""
-    cache, _ = precomputed_cache
+    cache = precomputed_cache
     manifest = read_manifest(cache)
     assert manifest["columns"]["ref_err_w"] == [EPOCHS]
     table = pq.read_table(cache / manifest["files"][0])
@@ -100,7 +71,7 @@ def test_precomputed_loss_equals_live_reference_loss(precomputed_cache, tiny_sd3
 
 def test_training_refuses_mismatched_or_short_precomputation(precomputed_cache):
     """6 pairs, 2 workers, batch 1 -> 3 micro-batches per epoch; 10 steps need ceil(10/3) = 4 > 3 epochs."""
-    cache, _ = precomputed_cache
+    cache = precomputed_cache
     manifest = read_manifest(cache)
     base = [
         "reference.strategy=precomputed",

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.latent_cache import CacheSettings, build_cache, read_manifest
-from pipelines.synthetic import write_synthetic_pickapic
+from pipelines.latent_cache import read_manifest
 from prefopt_core.config import load_config
 from prefopt_core.models.sd3 import SD3Adapter
 from prefopt_core.objective import PreferenceObjective, TimestepConfig
 from ray_jobs.train import batch_from_table, run_training
+from tests._cache import synthetic_cache
 
 pytestmark = pytest.mark.slow
 
@@ -34,32 +34,7 @@ METRICS = (
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory, tiny_sd3, ray_cluster):
     root = tmp_path_factory.mktemp("train_cache")
-    source = write_synthetic_pickapic(
-        root / "src.parquet", num_pairs=8, seed=11, image_size=40, tie_fraction=0.0
-    )
-    settings = CacheSettings(
-        family="sd3",
-        pretrained=str(tiny_sd3),
-        resolution=32,
-        dtype="fp32",
-        max_sequence_length=256,
-        prediction_type=None,
-        crop="center",
-        random_flip=False,
-        tie_policy="drop",
-        max_image_pixels=4096 * 4096,
-        max_caption_chars=2000,
-        seed=0,
-        batch_size=8,
-    )
-    build_cache(
-        source=str(source),
-        cache_dir=root / "cache",
-        base_model_dir=tiny_sd3,
-        settings=settings,
-        rows_per_shard=8,
-    )
-    return root / "cache"
+    return synthetic_cache(root, tiny_sd3, num_pairs=8, seed=11)
 
 
 def fixed_batch_loss(adapter, cache_dir, policy, reference, beta: float) -> float:

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.latent_cache import CacheSettings, build_cache
-from pipelines.synthetic import write_synthetic_pickapic
 from prefopt_core.config import load_config
 from ray_jobs.train import run_training
+from tests._cache import synthetic_cache
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,32 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cache8(tmp_path_factory, tiny_sd3, ray_cluster):
     root = tmp_path_factory.mktemp("ops_cache")
-    source = write_synthetic_pickapic(
-        root / "src.parquet", num_pairs=8, seed=21, image_size=40, tie_fraction=0.0
-    )
-    settings = CacheSettings(
-        family="sd3",
-        pretrained=str(tiny_sd3),
-        resolution=32,
-        dtype="fp32",
-        max_sequence_length=256,
-        prediction_type=None,
-        crop="center",
-        random_flip=False,
-        tie_policy="drop",
-        max_image_pixels=4096 * 4096,
-        max_caption_chars=2000,
-        seed=0,
-        batch_size=8,
-    )
-    build_cache(
-        source=str(source),
-        cache_dir=root / "cache",
-        base_model_dir=tiny_sd3,
-        settings=settings,
-        rows_per_shard=8,
-    )
-    return root / "cache"
+    return synthetic_cache(root, tiny_sd3, num_pairs=8, seed=21)
 
 
 def base_overrides(workdir, tiny_sd3, cache, name):
