@@ -336,6 +336,7 @@ class RegenerateSettings:
     batch_size: int = 4
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    max_sequence_length: int = 256  # SD3 T5 tokens: must match what training encodes
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -420,6 +421,7 @@ def generate_pairs(pipe: Any, specs: list[PairSpec], settings: RegenerateSetting
                 width=settings.resolution,
                 generator=generators,
                 output_type="pil",
+                **({"max_sequence_length": settings.max_sequence_length} if settings.family == "sd3" else {}),
             )
         images = out.images
         flagged = getattr(out, "nsfw_content_detected", None)  # SD1.5 checkpoints with a safety checker

@@ -215,6 +215,7 @@ class RegenerateSection(_Section):
         None, description="Text file (one prompt per line) or parquet with `caption`."
     )
     num_prompts: int | None = Field(None, ge=1)
+    pairs_per_prompt: int = Field(1, ge=1, description="Pairs per prompt, each from its own seed.")
     output_dir: str | None = None
     chosen_template: str | None = Field(None, description="custom/override: template with {prompt}.")
     rejected_template: str | None = Field(None, description="custom/override: template with {prompt}.")

@@ -43,9 +43,14 @@ def resolve_prompts(cfg: RunConfig) -> tuple[list[str], str]:
     r = cfg.regenerate
     if r.prompts:
         path = Path(r.prompts).expanduser().resolve()
-        return load_prompts(path, r.num_prompts), f"`{path}`"
-    prompts = toy_world_prompts()[: r.num_prompts]
-    return prompts, f"the first {len(prompts)} toy-world captions (`pipelines.regenerate.toy_world_prompts`)"
+        prompts, source = load_prompts(path, r.num_prompts), f"`{path}`"
+    else:
+        prompts = toy_world_prompts()[: r.num_prompts]
+        source = f"the first {len(prompts)} toy-world captions (`pipelines.regenerate.toy_world_prompts`)"
+    if r.pairs_per_prompt > 1:  # the prompt list repeated: every row still gets its own seed
+        prompts = prompts * r.pairs_per_prompt
+        source += f", each {r.pairs_per_prompt} times (one pair per seed)"
+    return prompts, source
 
 
 def regenerate_settings(cfg: RunConfig, base_model_dir: Path):
@@ -69,6 +74,7 @@ def regenerate_settings(cfg: RunConfig, base_model_dir: Path):
         batch_size=r.batch_size,
         rows_per_shard=r.rows_per_shard,
         jpeg_quality=r.jpeg_quality,
+        max_sequence_length=cfg.model.max_sequence_length,
     )
 
 
