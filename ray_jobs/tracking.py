@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +22,17 @@ logger = logging.getLogger(__name__)
 RUN_KEY_TAG = "prefopt.run_key"
 
 
+#: MLflow's HTTP client retries a refused request 7 times with exponential back-off (minutes per call), which
+#: would stall a training step for as long whenever the server is down. prefopt buffers and retries itself
+#: (:class:`MetricBuffer`), so each call fails fast unless the user set these variables.
+FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    for key, value in FAIL_FAST_ENV.items():
+        os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -238,6 +238,7 @@ def test_submit_cache_and_train_to_a_real_head(ray_head: Head, tmp_path: Path):
     overrides = [
         "data.synthetic.num_pairs=8",
         "data.synthetic.tie_fraction=0",
+        "model.pretrained=tiny",  # the offline random tiny SD3 (demo.yaml's toy base takes minutes to train)
         "train.max_steps=3",
         "train.num_workers=1",
         "train.use_gpu=false",

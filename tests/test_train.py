@@ -68,6 +68,7 @@ def test_two_worker_zero2_dpo_lowers_fixed_batch_loss(tmp_path, tiny_sd3, small_
             f"run.workdir={tmp_path}",
             "run.name=t-zero2",
             f"model.pretrained={tiny_sd3}",
+            "model.max_sequence_length=256",  # the shared cache's (schema default); demo.yaml's toy base reads 16
             f"cache.dir={small_cache}",
             "train.max_steps=8",
             "train.lr=1e-3",

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_refupdate_gamma_lambda_recipe_runs(family, tmp_path, tiny_unets, ray_cluster):
     """Cache + 4 steps with a periodic reference (tau 2, delta inf), gamma-sampled timesteps and the
     lambda(t) reward scale. Expected from the recipe: reference updates at steps 2 and 4 (ref/updates
-    = 2, never frozen), the KL probe metrics logged at step 0 and at the end, and per-bin metrics."""
+    = 2, never frozen); the divergence monitor logs ``kl/policy_init`` at step 0 (policy == init, so
+    exactly 0) and at every tau-check (steps 2 and 4, > 0 once the policy has moved); per-bin metrics."""
     cfg = load_config(
         ROOT / "configs/demo.yaml",
         [
@@ -54,7 +55,7 @@ def test_refupdate_gamma_lambda_recipe_runs(family, tmp_path, tiny_unets, ray_cl
     run = client.get_run(summary.mlflow_run_id)
     assert run.data.metrics["ref/updates"] == 2.0 and run.data.metrics["ref/frozen"] == 0.0
     kl = client.get_metric_history(summary.mlflow_run_id, "kl/policy_init")
-    assert [m.step for m in kl] == [0, 4] and kl[0].value == 0.0 and kl[1].value > 0
+    assert [m.step for m in kl] == [0, 2, 4] and kl[0].value == 0.0 and kl[1].value > 0 and kl[2].value > 0
     assert any(k.startswith("bins/acc_") for k in run.data.metrics)
     artifacts = [a.path for a in client.list_artifacts(summary.mlflow_run_id, "samples")]
     assert artifacts == ["samples/step_00000004.png"]
