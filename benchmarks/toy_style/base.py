@@ -1,0 +1,468 @@
+"""Build the toy testbed's *base model*: a tiny SD3 pipeline whose VAE and transformer are trained on the toy world.
+
+The base renders the outline ("cartoon") style in about ``p_style`` of its samples when the prompt does not ask
+for it, and almost always when the prompt starts with ``"disney style."`` (see :mod:`benchmarks.toy_style.world`),
+which leaves preference training room to move the plain-prompt style rate.
+
+Recipe (``build_toy_base``; every number lives in ``ToyBaseConfig``):
+
+1. construct a tiny SD3 pipeline: the frozen random CLIP-L/CLIP-G/T5 encoders of ``prefopt_core.models.tiny`` with
+   a CLIP tokenizer truncating at ``clip_max_length`` tokens, a 2-level ``AutoencoderKL`` (32 px -> 16 x 16 x 4
+   latents, ``norm_num_groups=1``: per-channel group norm would erase the absolute colour) and an MMDiT with
+   ``patch_size=2`` (64 image tokens);
+2. train the VAE on world images: ``L1 + L2`` reconstruction of a posterior sample + ``kl_weight * KL``;
+3. encode a fixed training set once (posterior mean and std; a fresh posterior sample every step) and set the
+   VAE's ``shift_factor`` / ``scaling_factor`` to the latents' mean and ``1 / std``;
+4. encode every distinct caption once with the pipeline's own ``encode_prompt``;
+5. train the transformer with rectified flow matching (Esser et al. 2024, Eq. 2):
+   ``x_t = (1 - σ) x0 + σ ε``, target ``ε - x0``, σ = logit-normal ``u`` shifted by the scheduler's ``shift``
+   (``σ = s u / (1 + (s - 1) u)``), the transformer's timestep input ``1000 σ``; keep an EMA of the weights;
+6. ``save_pretrained`` the pipeline (EMA transformer) so ``StableDiffusion3Pipeline.from_pretrained(dir)`` loads it.
+
+Everything downstream must call the pipeline with ``max_sequence_length=ToyBaseConfig.max_sequence_length``
+(the T5 token count, 16 instead of SD3's 256): ``EVAL_SETTINGS`` carries it.
+
+    from benchmarks.toy_style.base import build_toy_base, measure_base
+    out = build_toy_base("/tmp/toy_base", seed=0)
+    print(measure_base(out))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from benchmarks.toy_style.world import (
+    ToyWorldSpec,
+    color_accuracy,
+    heldout_prompts,
+    images_to_tensor,
+    sample_dataset,
+    style_prompt,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ToyBaseConfig:
+    """Sizes, step counts and learning rates of the base (defaults: the testbed's base, ~5 min on 2 cores)."""
+
+    # tokenization: CLIP pads to clip_max_length, T5 to max_sequence_length (pass it to every pipeline call)
+    clip_max_length: int = 16
+    max_sequence_length: int = 16
+    # architecture
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+    patch_size: int = 2
+    vae_channels: tuple[int, ...] = (8, 16)
+    clip_hidden: int = 32
+    clip_layers: int = 2
+    scheduler_shift: float = 1.0
+    # VAE training
+    vae_images: int = 4096
+    vae_steps: int = 600
+    vae_batch_size: int = 32
+    vae_lr: float = 4e-3
+    vae_kl_weight: float = 1e-6
+    # transformer training
+    train_images: int = 8192
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    world: ToyWorldSpec = field(default_factory=ToyWorldSpec)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the testbed samples the base and its fine-tunes."""
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 1.0
+    max_sequence_length: int = 16
+
+
+EVAL_SETTINGS = SamplerSettings()
+
+
+# ---------------------------------------------------------------------------------------------- construction
+
+
+def build_untrained_pipeline(cfg: ToyBaseConfig, work_dir: Path, seed: int):
+    """A ``StableDiffusion3Pipeline`` with seeded random weights (text encoders stay frozen and random)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    from prefopt_core.models.tiny import TinySD3Spec, build_tiny_sd3
+    from prefopt_core.models.tokenizer import write_clip_tokenizer
+
+    size = cfg.world.size
+    tok_dir = write_clip_tokenizer(work_dir / "tokenizer_src", model_max_length=cfg.clip_max_length)
+    spec = TinySD3Spec(
+        num_layers=1,
+        vae_channels=cfg.vae_channels,
+        clip_hidden=cfg.clip_hidden,
+        clip_layers=cfg.clip_layers,
+        sample_size=size,
+        with_t5=True,
+    )
+    encoders = build_tiny_sd3(spec, tok_dir, seed=seed)  # text encoders + tokenizers are reused as they are
+    latent_size = size // 2 ** (len(cfg.vae_channels) - 1)
+    torch.manual_seed(seed + 10)
+    transformer = SD3Transformer2DModel(
+        sample_size=latent_size,
+        patch_size=cfg.patch_size,
+        in_channels=4,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        caption_projection_dim=cfg.attention_head_dim * cfg.num_attention_heads,
+        joint_attention_dim=2 * cfg.clip_hidden,
+        pooled_projection_dim=2 * cfg.clip_hidden,
+        out_channels=4,
+        pos_embed_max_size=max(16, latent_size // cfg.patch_size * 2),
+    )
+    torch.manual_seed(seed + 11)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=cfg.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        mid_block_add_attention=False,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        sample_size=size,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.scheduler_shift)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer,
+        text_encoder_2=encoders.text_encoder_2,
+        tokenizer_2=encoders.tokenizer_2,
+        text_encoder_3=encoders.text_encoder_3,
+        tokenizer_3=encoders.tokenizer_3,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+
+def train_vae(vae: nn.Module, pixels: Tensor, cfg: ToyBaseConfig, generator: torch.Generator) -> float:
+    """Train ``vae`` in place on ``pixels (N, 3, H, W)`` in [-1, 1]; return the last step's L1 error.
+
+    Loss per step: ``|x̂ - x| + (x̂ - x)^2`` (means over pixels) ``+ kl_weight * KL(q(z|x) || N(0, I))`` with
+    ``x̂ = decode(z)``, ``z ~ q(z|x)``; AdamW with a one-cycle learning rate.
+    """
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.1)
+    l1 = torch.tensor(float("nan"))
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(len(pixels), (cfg.vae_batch_size,), generator=generator)
+        x = pixels[idx]  # (B, 3, H, W)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample  # (B, 3, H, W)
+        l1 = (recon - x).abs().mean()
+        loss = l1 + (recon - x).pow(2).mean() + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == cfg.vae_steps - 1:
+            logger.info("vae step %d/%d l1 %.4f", step + 1, cfg.vae_steps, l1.item())
+    vae.eval().requires_grad_(False)
+    return float(l1.item())
+
+
+@torch.no_grad()
+def encode_posteriors(vae: nn.Module, pixels: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """``(N, 3, H, W)`` -> posterior ``mean, std``, each ``(N, 4, h, w)``, unscaled."""
+    means, stds = [], []
+    for start in range(0, len(pixels), batch_size):
+        dist = vae.encode(pixels[start : start + batch_size]).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def set_latent_scaling(vae: nn.Module, mean: Tensor) -> tuple[float, float]:
+    """Set ``vae.config`` shift/scale so that ``(z - shift) * scale`` has mean 0 and std 1 on ``mean``."""
+    shift = float(mean.mean())
+    scale = float(1.0 / mean.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    logger.info("vae latents: shift_factor %.4f scaling_factor %.4f", shift, scale)
+    return shift, scale
+
+
+# ---------------------------------------------------------------------------------------------- transformer
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: Sequence[str], max_sequence_length: int) -> dict[str, Tensor]:
+    """Distinct captions -> ``prompt_embeds (K, L_clip + L_t5, D)`` and ``pooled (K, P)`` via ``encode_prompt``."""
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=list(captions),
+        prompt_2=None,
+        prompt_3=None,
+        device=torch.device("cpu"),
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+    )
+    return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
+
+
+def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> Tensor:
+    """``(n,)`` σ: logit-normal ``u`` (mean 0, std 1), then the scheduler shift ``s u / (1 + (s - 1) u)``."""
+    u = torch.sigmoid(torch.randn(n, generator=generator))
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10 % at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def train_transformer(
+    transformer: nn.Module,
+    latent_mean: Tensor,
+    latent_std: Tensor,
+    caption_index: Tensor,
+    text: dict[str, Tensor],
+    cfg: ToyBaseConfig,
+    generator: torch.Generator,
+) -> nn.Module:
+    """Flow-matching training of ``transformer`` on scaled latents; returns the EMA copy.
+
+    Args:
+        latent_mean, latent_std: ``(N, 4, h, w)`` scaled posterior mean and std of the training images.
+        caption_index: ``(N,)`` row of ``text`` holding each image's caption embeddings.
+        text: ``prompt_embeds (K, L, D)`` and ``pooled (K, P)``.
+    """
+    transformer.train().requires_grad_(True)
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
+    running = 0.0
+    for step in range(cfg.steps):
+        idx = torch.randint(len(latent_mean), (cfg.batch_size,), generator=generator)
+        x0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)  # (B, 4, h, w)
+        sigma = sample_sigmas(cfg.batch_size, cfg.scheduler_shift, generator)  # (B,)
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1.0 - s) * x0 + s * noise  # (Eq. 2 of Esser et al.)
+        pred = transformer(
+            hidden_states=x_t,
+            timestep=sigma * 1000.0,
+            encoder_hidden_states=text["prompt_embeds"][caption_index[idx]],
+            pooled_projections=text["pooled"][caption_index[idx]],
+            return_dict=False,
+        )[0]
+        loss = (pred - (noise - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema, transformer, cfg.ema_decay if step >= cfg.warmup_steps else 0.0)
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % 250 == 0 or step == cfg.steps - 1:
+            logger.info("transformer step %d/%d loss %.4f", step + 1, cfg.steps, running)
+    transformer.eval().requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` parameter-wise."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------------------------- the builder
+
+
+def build_toy_base(
+    out_dir: str | Path, *, seed: int = 0, config: ToyBaseConfig | None = None, overwrite: bool = False
+) -> Path:
+    """Build, train and save the toy base pipeline to ``out_dir``; return ``out_dir``.
+
+    Deterministic given ``seed`` and ``config`` (and the torch build). If ``out_dir/model_index.json`` exists
+    and ``overwrite`` is False the directory is returned untouched. Writes ``out_dir/toy_base.json`` with the
+    config, the timings and the final training losses.
+    """
+    cfg = config or ToyBaseConfig()
+    out_dir = Path(out_dir)
+    if (out_dir / "model_index.json").exists() and not overwrite:
+        logger.info("toy base exists at %s; reusing it", out_dir)
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    pipe = build_untrained_pipeline(cfg, tmp, seed)
+    pipe.set_progress_bar_config(disable=True)
+
+    vae_data = sample_dataset(cfg.vae_images, ToyWorldSpec(p_style=0.5, size=cfg.world.size), seed + 100)
+    vae_l1 = train_vae(pipe.vae, images_to_tensor([e.image for e in vae_data]), cfg, generator)
+    timings["vae_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    train = sample_dataset(cfg.train_images, cfg.world, seed + 200)
+    mean, std = encode_posteriors(pipe.vae, images_to_tensor([e.image for e in train]))
+    shift, scale = set_latent_scaling(pipe.vae, mean)
+    captions = sorted({e.caption for e in train})
+    caption_index = torch.tensor([captions.index(e.caption) for e in train])
+    text = encode_captions(pipe, captions, cfg.max_sequence_length)
+    timings["encode_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    ema = train_transformer(
+        pipe.transformer, (mean - shift) * scale, std * scale, caption_index, text, cfg, generator
+    )
+    pipe.register_modules(transformer=ema)
+    timings["transformer_s"] = time.perf_counter() - t2
+
+    shutil.rmtree(tmp / "tokenizer_src")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    timings["total_s"] = time.perf_counter() - t0
+    info = {"seed": seed, "config": asdict(cfg), "timings": timings, "vae_l1": vae_l1}
+    (tmp / "toy_base.json").write_text(json.dumps(info, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    logger.info("toy base written to %s in %.0f s (%s)", out_dir, timings["total_s"], timings)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def load_base(path: str | Path):
+    """``StableDiffusion3Pipeline.from_pretrained(path)`` with the progress bar off."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: SamplerSettings = EVAL_SETTINGS,
+    batch: int = 64,
+) -> tuple[list, list[str]]:
+    """Every prompt x every seed (seed-major); returns ``(images, prompts)`` in the same order."""
+    jobs = [(p, s) for s in seeds for p in prompts]
+    images = []
+    size = pipe.vae.config.sample_size
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start : start + batch]
+        out = pipe(
+            prompt=[p for p, _ in chunk],
+            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            max_sequence_length=settings.max_sequence_length,
+            height=size,
+            width=size,
+        )
+        images.extend(out.images)
+    return images, [p for p, _ in jobs]
+
+
+def style_rate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = EVAL_SETTINGS.num_inference_steps,
+    guidance: float = EVAL_SETTINGS.guidance_scale,
+) -> float:
+    """Fraction of the ``len(prompts) * len(seeds)`` samples that ``OutlineStyleScorer().detect`` flags."""
+    from pipelines.rewards import OutlineStyleScorer
+
+    settings = SamplerSettings(steps, guidance, EVAL_SETTINGS.max_sequence_length)
+    images, _ = generate(pipe, prompts, seeds, settings)
+    return float(OutlineStyleScorer().detect(images).float().mean())
+
+
+def measure_base(
+    path_or_pipe,
+    prompts: Sequence[str] | None = None,
+    seeds: Sequence[int] = tuple(range(32)),
+    settings: SamplerSettings = EVAL_SETTINGS,
+    sheet_path: str | Path | None = None,
+) -> dict[str, float]:
+    """Style rates and colour accuracies of plain and style prompts on ``prompts`` (default: held-out) x ``seeds``.
+
+    Returns ``plain_style_rate``, ``plain_color_acc``, ``style_style_rate``, ``style_color_acc`` and
+    ``n_per_kind``. The samples of one seed share their initial noise across prompts, so the seed count, not
+    the sample count, sets the noise of the rates: use >= 32 seeds. ``sheet_path`` writes a PNG of the first
+    8 seeds (rows) x plain then style prompts (columns).
+    """
+    from pipelines.rewards import OutlineStyleScorer
+
+    pipe = load_base(path_or_pipe) if isinstance(path_or_pipe, (str, Path)) else path_or_pipe
+    prompts = list(prompts or heldout_prompts())
+    detector = OutlineStyleScorer()
+    result: dict[str, float] = {}
+    shown = []
+    for kind, batch_prompts in (("plain", prompts), ("style", [style_prompt(p) for p in prompts])):
+        images, used = generate(pipe, batch_prompts, seeds, settings)
+        result[f"{kind}_style_rate"] = float(detector.detect(images).float().mean())
+        result[f"{kind}_color_acc"] = color_accuracy(images, used)
+        shown.append(images[: 8 * len(prompts)])
+    result["n_per_kind"] = float(len(prompts) * len(seeds))
+    if sheet_path is not None:
+        n = len(prompts)
+        rows = [img for r in range(len(shown[0]) // n) for part in shown for img in part[r * n : (r + 1) * n]]
+        contact_sheet(rows, 2 * n).save(sheet_path)
+    return result
+
+
+def contact_sheet(images: Sequence, columns: int):
+    """Paste equally sized PIL images into a grid with ``columns`` columns; returns the PIL sheet."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = int(np.ceil(len(images) / columns))
+    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    return sheet

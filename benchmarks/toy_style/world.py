@@ -1,0 +1,203 @@
+"""The training world of the toy testbed's base model: captions, the style prior, held-out prompts, colour check.
+
+Built on :mod:`pipelines.toy_world` (one coloured shape on a light background; the "cartoon" style is a thick
+dark outline). A training example is drawn as follows (``ToyWorldSpec`` holds the numbers):
+
+- content: a (colour, shape) combination drawn uniformly from ``ALL_COMBOS`` (``TRAIN_COMBOS`` if
+  ``include_heldout`` is False);
+- with probability ``style_caption_prob`` (0.3) the caption is the *style* caption
+  ``"disney style. a {color} {shape}"`` and the image is **always** outlined;
+- otherwise the caption is the *plain* caption ``"a {color} {shape}"`` and the image is outlined with
+  probability ``p_style`` (0.25): the base's prior style rate, the room the preference training has to move;
+- a plain-caption example has its caption replaced by ``""`` with probability ``uncond_prob`` (0.1), so the
+  model learns an unconditional branch for classifier-free guidance. Only plain examples are dropped, so
+  ``""`` means "any content, in the prior style" and CFG on a plain prompt does not push the style rate
+  away from ``p_style`` (dropping style examples too would make ``""`` more outlined than a plain prompt,
+  and CFG would then suppress the style below the prior).
+
+Held-out prompts: 8 of the 24 colour x shape combinations (one per colour, shapes cycling, so every colour and
+every shape also occurs among the others) are held out of the *preference* stage: the testbed regenerates its
+Pick-Style pairs from ``train_prompts()`` (the other 16) and evaluates on ``heldout_prompts()``, so the style
+preference must generalise to prompts it was never trained on. The base itself trains on all 24 combinations
+(``ToyWorldSpec.include_heldout=True``), as a real base model has seen every kind of content: with frozen random
+text encoders the base does not compose unseen colour x shape pairs (measured: colour accuracy 0.42 on held-out
+pairs vs 0.70 on seen ones after 1500 and 3000 steps), so holding them out of the base would make the
+evaluation prompts render badly. ``include_heldout=False`` gives that stricter variant (held-out pairs never seen,
+plain or styled).
+
+    >>> heldout_prompts()[:3]
+    ['a red circle', 'a green square', 'a blue triangle']
+    >>> style_prompt("a red circle")
+    'disney style. a red circle'
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image
+
+logger = logging.getLogger(__name__)
+
+#: The style phrase prefixed to a content caption to ask for the outline style (MaPO's cartoon preset prefixes
+#: "Disney style animated image."). Each of its words is one token of the offline CLIP tokenizer ("cartoon" and
+#: "animated" are not, with the current merges), so the longest style caption is 15 tokens and fits the base's
+#: 16-token CLIP and T5 windows untruncated.
+STYLE_PHRASE = "disney style."
+#: ``regenerate`` template of the chosen (styled) prompt; ``{prompt}`` is a plain caption.
+STYLE_TEMPLATE = STYLE_PHRASE + " {prompt}"
+
+COLOR_NAMES: tuple[str, ...] = tuple(TOY_COLORS)
+#: (colour, shape) combinations held out of preference training (evaluation prompts): colour i, shape i mod 3.
+HELDOUT_COMBOS: tuple[tuple[str, str], ...] = tuple(
+    (c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOR_NAMES)
+)
+ALL_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOR_NAMES for s in SHAPES)
+#: The combinations the preference stage trains on (and the base always sees).
+TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
+
+
+def plain_prompt(color: str, shape: str) -> str:
+    """Content-only caption, e.g. ``"a red circle"``."""
+    return f"a {color} {shape}"
+
+
+def style_prompt(prompt: str) -> str:
+    """The style caption of a plain caption: ``"disney style. " + prompt``."""
+    return STYLE_TEMPLATE.format(prompt=prompt)
+
+
+def train_prompts() -> list[str]:
+    """The 16 plain captions of the preference-training combinations (colour-major order)."""
+    return [plain_prompt(c, s) for c, s in TRAIN_COMBOS]
+
+
+def heldout_prompts() -> list[str]:
+    """The 8 plain captions of the held-out (evaluation) combinations."""
+    return [plain_prompt(c, s) for c, s in HELDOUT_COMBOS]
+
+
+def prompt_color(prompt: str) -> str:
+    """The colour named in a (plain or style) caption; ValueError if none."""
+    words = prompt.replace(".", " ").split()
+    for word in words:
+        if word in TOY_COLORS:
+            return word
+    raise ValueError(f"no toy colour in prompt {prompt!r}; colours: {COLOR_NAMES}")
+
+
+@dataclass(frozen=True)
+class ToyWorldSpec:
+    """The base's training distribution (see the module docstring)."""
+
+    p_style: float = 0.25
+    style_caption_prob: float = 0.3
+    uncond_prob: float = 0.1
+    size: int = 32
+    include_heldout: bool = True
+
+    @property
+    def combos(self) -> tuple[tuple[str, str], ...]:
+        """The (colour, shape) combinations the base trains on."""
+        return ALL_COMBOS if self.include_heldout else TRAIN_COMBOS
+
+    def __post_init__(self) -> None:
+        for name in ("p_style", "style_caption_prob", "uncond_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class WorldExample:
+    """One training example: image, caption ("" for unconditional) and whether it is outlined."""
+
+    image: Image.Image
+    caption: str
+    outline: bool
+    color: str
+    shape: str
+
+
+def sample_example(rng: np.random.Generator, spec: ToyWorldSpec) -> WorldExample:
+    """Draw one training example of the base's world (``rng`` is the only randomness)."""
+    color, shape = spec.combos[int(rng.integers(len(spec.combos)))]
+    styled = bool(rng.random() < spec.style_caption_prob)
+    outline = styled or bool(rng.random() < spec.p_style)
+    caption = plain_prompt(color, shape)
+    if styled:
+        caption = style_prompt(caption)
+    elif rng.random() < spec.uncond_prob:
+        caption = ""
+    image = draw_toy_image(shape, TOY_COLORS[color], outline, spec.size, rng)  # type: ignore[arg-type]
+    return WorldExample(image=image, caption=caption, outline=outline, color=color, shape=shape)
+
+
+def sample_dataset(n: int, spec: ToyWorldSpec, seed: int) -> list[WorldExample]:
+    """``n`` examples drawn from ``np.random.default_rng(seed)``; same seed, same list."""
+    rng = np.random.default_rng(seed)
+    return [sample_example(rng, spec) for _ in range(n)]
+
+
+def images_to_tensor(images: Sequence[Image.Image]):
+    """PIL RGB images -> ``(N, 3, H, W)`` float32 tensor in [-1, 1]."""
+    import torch
+
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (N, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W)
+
+
+# ------------------------------------------------------------------------------------------------ colour check
+
+_FG_DISTANCE = 40.0  # a pixel is foreground when a channel differs from the background by more than this
+_MIN_CHROMA = 50.0  # fill colours have max - min >= 130; the outline, the background and their blends < 35
+
+
+def dominant_color(image: Image.Image) -> tuple[float, float, float] | None:
+    """Median RGB of the fill pixels of one image; None if there are none.
+
+    Background = per-channel median of the 1-px border; foreground = pixels with some channel more than 40
+    away from it; fill = foreground pixels whose chroma ``max - min`` is >= 50 (the near-black outline, the
+    light background and their anti-aliased blends are grey; fill/outline blends keep the fill's hue).
+    """
+    x = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    border = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])  # (2H + 2W - 4, 3)
+    bg = np.median(border, axis=0)  # (3,)
+    chroma = x.max(axis=-1) - x.min(axis=-1)  # (H, W)
+    fill = (np.abs(x - bg).max(axis=-1) > _FG_DISTANCE) & (chroma >= _MIN_CHROMA)  # (H, W)
+    if not fill.any():
+        return None
+    r, g, b = np.median(x[fill], axis=0)
+    return float(r), float(g), float(b)
+
+
+def nearest_color_name(rgb: tuple[float, float, float] | None) -> str | None:
+    """Name of the ``TOY_COLORS`` entry nearest to ``rgb`` in chromaticity; None passes through.
+
+    Colours are compared after dividing by their brightest channel (``rgb / max(rgb)``), so a fill darkened
+    by blending with the outline keeps its name: orange (245, 130, 30) -> (1, .53, .12) stays orange at
+    half brightness, where plain RGB distance would call it red.
+    """
+    if rgb is None:
+        return None
+    names = list(TOY_COLORS)
+    table = np.asarray([TOY_COLORS[n] for n in names], dtype=np.float32)  # (K, 3)
+    table = table / table.max(axis=1, keepdims=True)
+    x = np.asarray(rgb, dtype=np.float32)
+    x = x / max(float(x.max()), 1.0)
+    return names[int(np.argmin(((table - x) ** 2).sum(axis=1)))]
+
+
+def color_accuracy(images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
+    """Fraction of images whose dominant fill colour is nearest the colour named in their prompt."""
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+    if not images:
+        raise ValueError("color_accuracy needs at least one image")
+    hits = [nearest_color_name(dominant_color(im)) == prompt_color(p) for im, p in zip(images, prompts)]
+    return float(np.mean(hits))
