@@ -446,20 +446,6 @@ def _loss_params(cfg, loss: str) -> dict[str, Any]:
     return {"beta": beta, "snr_value": cfg.loss.snr_value}
 
 
-def _timesteps(cfg):
-    from prefopt_core.objective import TimestepConfig
-
-    t = cfg.timesteps
-    return TimestepConfig(
-        sampling=cfg.timestep_sampling,
-        logit_mean=t.logit_mean,
-        logit_std=t.logit_std,
-        gamma=t.gamma,
-        bins=t.bins,
-        reward_scale=t.reward_scale,
-    )
-
-
 def cached_batches(cache_dir: str | Path, batch_size: int) -> Iterator[tuple[int, Any]]:
     """``(epoch, PreferenceBatch)`` from a latent cache, endlessly (the arrow -> tensor decode is per step)."""
     import pyarrow as pa
@@ -537,6 +523,7 @@ def _policy_reference_objective(cfg, base: str, loss: str, with_reference: bool)
 
     from prefopt_core.models.base import TORCH_DTYPES, adapter_for
     from prefopt_core.objective import PreferenceObjective
+    from ray_jobs.train import timestep_config
 
     adapter = adapter_for(cfg.model, base)
     policy = adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32).train()
@@ -548,7 +535,7 @@ def _policy_reference_objective(cfg, base: str, loss: str, with_reference: bool)
         adapter,
         loss_name=loss,
         loss_params=_loss_params(cfg, loss),
-        timesteps=_timesteps(cfg),
+        timesteps=timestep_config(cfg),
         seed=cfg.run.seed,
     )
     return adapter, policy, reference, objective

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from prefopt_core.config import RunConfig, config_from_dict, flatten, load_config
+from prefopt_core.config import TOY_BASE, RunConfig, config_from_dict, flatten, load_config
 from prefopt_core.metrics import BinAccumulator
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,21 @@ def patch_deepspeed_for_cpu() -> None:
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def timestep_config(cfg: RunConfig):
+    """The objective's ``TimestepConfig`` of a run config (sampling, logit-normal, gamma bins, lambda(t))."""
+    from prefopt_core.objective import TimestepConfig
+
+    t = cfg.timesteps
+    return TimestepConfig(
+        sampling=cfg.timestep_sampling,
+        logit_mean=t.logit_mean,
+        logit_std=t.logit_std,
+        gamma=t.gamma,
+        bins=t.bins,
+        reward_scale=t.reward_scale,
+    )
 
 
 def batch_from_table(table, columns: dict[str, list[int]]):
@@ -186,7 +201,7 @@ class WorkerRecipe:
         import deepspeed
 
         from prefopt_core.models.base import adapter_for
-        from prefopt_core.objective import PreferenceObjective, TimestepConfig
+        from prefopt_core.objective import PreferenceObjective
 
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
@@ -221,14 +236,7 @@ class WorkerRecipe:
             self.adapter,
             loss_name=cfg.loss.name,
             loss_params=_loss_params(cfg),
-            timesteps=TimestepConfig(
-                sampling=cfg.timestep_sampling,
-                logit_mean=cfg.timesteps.logit_mean,
-                logit_std=cfg.timesteps.logit_std,
-                gamma=cfg.timesteps.gamma,
-                bins=cfg.timesteps.bins,
-                reward_scale=cfg.timesteps.reward_scale,
-            ),
+            timesteps=timestep_config(cfg),
             seed=cfg.run.seed,
         )
         self.columns = {k: list(v) for k, v in self.manifest["columns"].items()}
@@ -580,7 +588,12 @@ class TrainSummary:
 
 
 def prepare_base_model(cfg: RunConfig) -> Path:
-    """The pretrained pipeline directory, building the offline tiny model when ``model.pretrained=tiny*``."""
+    """The pretrained pipeline directory, building the offline tiny model when ``model.pretrained=tiny*`` and
+    training the toy testbed's base (once; reused afterwards) when ``model.pretrained=toy-base``."""
+    if cfg.model.pretrained == TOY_BASE:
+        from benchmarks.toy_style.base import build_toy_base
+
+        return build_toy_base(cfg.base_model_dir, seed=cfg.run.seed)
     if cfg.tiny_preset is not None:
         from prefopt_core.models.tiny import make_tiny_pipeline
 
