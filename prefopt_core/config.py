@@ -24,6 +24,8 @@ Family = Literal["sd3", "sdxl", "sd15"]
 
 #: Losses that compare the policy with a reference model.
 REFERENCE_LOSSES = frozenset({"dpo", "kto"})
+#: ``model.pretrained`` value that trains the toy testbed's base model (``benchmarks.toy_style.base``).
+TOY_BASE = "toy-base"
 
 
 class ConfigError(ValueError):
@@ -60,7 +62,8 @@ class ModelSection(_Section):
     pretrained: str = Field(
         "tiny",
         description="diffusers pipeline directory or hub id; 'tiny' / 'tiny:toy' build an offline tiny "
-        "pipeline under <workdir>/base_model.",
+        "random pipeline under <workdir>/base_model; 'toy-base' trains the toy testbed's base there (SD3, "
+        "~5 min on 2 cores, reused once built; needs model.max_sequence_length=16).",
     )
     resolution: int = Field(32, ge=8, description="Training resolution in pixels (square).")
     dtype: Literal["fp32", "bf16"] = Field(
@@ -282,6 +285,14 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
         loss, ref = self.loss.name, self.reference.strategy
+        if self.model.pretrained == TOY_BASE and (
+            self.model.family != "sd3" or self.model.max_sequence_length != 16
+        ):
+            raise ValueError(
+                f"model.pretrained={TOY_BASE} is the toy testbed's SD3 base, whose text encoders read 16 tokens: "
+                f"set model.family=sd3 and model.max_sequence_length=16 (got {self.model.family}, "
+                f"{self.model.max_sequence_length})."
+            )
         if loss in REFERENCE_LOSSES and ref == "none":
             raise ValueError(
                 f"loss.name={loss} compares the policy with a reference model, so reference.strategy "
@@ -335,7 +346,7 @@ class RunConfig(_Section):
     @property
     def base_model_dir(self) -> Path:
         """Where the pretrained pipeline lives (built on demand for 'tiny' models)."""
-        if self.model.pretrained.startswith("tiny"):
+        if self.model.pretrained.startswith("tiny") or self.model.pretrained == TOY_BASE:
             return self.workdir / "base_model"
         return Path(self.model.pretrained).expanduser()
 
@@ -448,7 +459,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         ("eval", "baseline"),
     ):
         value = getattr(getattr(cfg, section), key)
-        if value and not value.startswith("tiny") and Path(value).expanduser().exists():
+        if value and not value.startswith("tiny") and value != TOY_BASE and Path(value).expanduser().exists():
             setattr(getattr(cfg, section), key, _absolute(value))
     return cfg
 

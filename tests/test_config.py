@@ -78,3 +78,14 @@ def test_shipped_configs_validate(path):
     assert isinstance(cfg, RunConfig)
     raw = yaml.safe_load(path.read_text())
     assert set(raw) <= set(RunConfig.model_fields)
+
+
+def test_toy_base_needs_sd3_and_its_16_token_window(tmp_path):
+    """``model.pretrained=toy-base`` lives in ``<workdir>/base_model``; its text encoders read 16 tokens, so
+    any other ``max_sequence_length`` (here the schema default 256) or family is refused with the fix."""
+    cfg = load_config(None, [f"run.workdir={tmp_path}", "model.pretrained=toy-base", "model.max_sequence_length=16"])
+    assert cfg.base_model_dir == tmp_path / "base_model" and cfg.tiny_preset is None
+    with pytest.raises(ConfigError, match="max_sequence_length=16"):
+        load_config(None, ["model.pretrained=toy-base"])
+    with pytest.raises(ConfigError, match="family=sd3"):
+        load_config(None, ["model.pretrained=toy-base", "model.max_sequence_length=16", "model.family=sdxl"])
