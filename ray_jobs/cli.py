@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(summary, indent=1, default=str))
     _print_table(ns.command, summary)
     print(f"summary written to {out}", flush=True)
+    if "adoption_rate_before" in summary:
+        print(
+            f"style adoption rate (held-out prompts without the style word): base "
+            f"{summary['adoption_rate_before']:.3f} -> trained {summary['adoption_rate_after']:.3f}",
+            flush=True,
+        )
     return 0
 
 
