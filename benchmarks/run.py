@@ -109,6 +109,7 @@ class Size:
     zero_width: tuple[int, int, int]  # (blocks, heads, head dim) of the ZeRO runs' wider transformer
     cache_batch: int  # pairs per encoder batch
     rows_per_shard: int  # source rows per cache fragment
+    quiet_timeout: float = 30.0  # longest wait for the machine to settle between arms (0: do not wait)
 
 
 #: Compute-bound on CPU: ~45 GFLOP per DPO step of 2 pairs, 9 M transformer parameters.
@@ -172,6 +173,7 @@ SIZES: dict[str, Size] = {
         zero_width=(1, 2, 16),
         cache_batch=4,
         rows_per_shard=8,
+        quiet_timeout=0.0,  # tests run beside a live Ray: its idle workers would make every wait time out
     ),
 }
 
@@ -203,6 +205,11 @@ class Context:
     threads: int
     verbose: bool = False
     _memo: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def settle(self) -> None:
+        """Between arms: wait (at most ``size.quiet_timeout`` s) until this process's children are idle."""
+        if self.size.quiet_timeout > 0:
+            wait_until_quiet(timeout=self.size.quiet_timeout)
 
     def memo(self, key: str, build: Callable[[], Any]) -> Any:
         if key not in self._memo:
@@ -844,7 +851,7 @@ def bench_single_process(ctx: Context) -> list[Row]:
     flops = ctx.flops
     runs: dict[str, list[dict]] = {arm: [] for arm in STEP_ARMS}
     for r, arm in interleaved(list(STEP_ARMS), s.repeats):
-        wait_until_quiet()
+        ctx.settle()
         result = run_isolated(step_case, arm, job, preload=PRELOAD)
         runs[arm].append(result)
         logger.info(
@@ -943,7 +950,7 @@ def bench_train_overhead(ctx: Context) -> list[Row]:
     walls: list[float] = []
     threads_seen: set[int] = set()
     for r, arm in interleaved(["prefopt", "bare"], s.repeats):
-        wait_until_quiet()
+        ctx.settle()
         if arm == "prefopt":
             cfg = ctx.config(
                 f"train-overhead-r{r}",
@@ -960,7 +967,7 @@ def bench_train_overhead(ctx: Context) -> list[Row]:
             result = run_isolated(step_case, "cache", job, preload=PRELOAD)
             step_s = median(result["step_s"])
             bare_s.append(step_s)
-        wait_until_quiet()
+        ctx.settle()
         with torch_threads(ctx.threads):
             peak = matmul_peak_flops(repeats=3)  # next to the arm it normalises
         peaks.append(peak)
@@ -1009,7 +1016,7 @@ def bench_zero_memory(ctx: Context) -> list[Row]:
     train_delta: dict[str, list[float]] = {k: [] for k in stages}
     setup_delta: dict[str, list[float]] = {k: [] for k in stages}
     for r, arm in interleaved(list(stages), s.repeats):
-        wait_until_quiet()
+        ctx.settle()
         cfg = ctx.config(
             f"zero-{arm}-r{r}",
             f"model.init_denoiser={denoiser}",
@@ -1077,7 +1084,7 @@ def bench_cache_build(ctx: Context) -> list[Row]:
     for r, arm in interleaved(["pool", "loop"], s.repeats):
         out = ctx.workdir / "cache_build" / f"{arm}-r{r}"
         shutil.rmtree(out, ignore_errors=True)
-        wait_until_quiet()
+        ctx.settle()
         t0 = time.perf_counter()
         if arm == "pool":
             build_cache(

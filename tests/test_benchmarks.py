@@ -33,7 +33,6 @@ from benchmarks.run import (
     Context,
     bench_gpu,
     main,
-    ray_training_run,
     steady_rows_per_s,
     transformer_dpo_case,
 )
@@ -181,18 +180,6 @@ def test_smoke_run_prints_and_writes_the_table(smoke_workdir, ray_cluster, capsy
         assert len(cells) == len(TABLE_HEADER)
         assert float(cells[3]) > 0  # ratio
         assert re.search(r"\d", cells[1]) and re.search(r"\d", cells[2])
-
-
-@pytest.mark.slow
-def test_ray_training_run_reads_step_times_and_worker_memory(smoke_workdir, ray_cluster):
-    """``prefopt train`` as the Ray arms run it: step times from MLflow, one memory report per worker."""
-    ctx = Context(SIZES["smoke"], smoke_workdir / "work", threads=1)
-    cfg = ctx.config("ray-arm", "train.num_workers=1", "train.max_steps=2")
-    result = ray_training_run(cfg)
-    assert len(result["step_s"]) == 2 and all(s > 0 for s in result["step_s"])
-    [worker] = result["workers"]
-    assert worker["rank"] == 0 and worker["peak_mib"] >= worker["baseline_mib"] > 0
-    assert worker["torch_threads"] >= 1 and result["wall_s"] > 0
 
 
 def test_wait_until_quiet_returns_when_the_children_are_idle():
