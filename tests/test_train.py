@@ -75,6 +75,7 @@ def test_two_worker_zero2_dpo_lowers_fixed_batch_loss(tmp_path, tiny_sd3, small_
             "loss.beta=500",
             "train.num_workers=2",
             "train.zero_stage=2",
+            "train.sample_prompts=0",  # no end-of-run sample grid (tests/test_train_families.py checks it)
         ],
     )
     summary = run_training(cfg)

@@ -49,6 +49,7 @@ def base_overrides(workdir, tiny_sd3, cache, name):
         "timesteps.sampling=gamma",
         "timesteps.bins=10",
         "timesteps.reward_scale=true",
+        "train.sample_prompts=0",  # no end-of-run sample grid (tests/test_train_families.py checks it)
     ]
 
 
