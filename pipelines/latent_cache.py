@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.pickapic import Fragment, resolve_source, validate_and_canonicalize
+from pipelines.plan import fingerprint_diff
 from pipelines.schema import QUARANTINE_SCHEMA, pair_rng
 from pipelines.tensor_columns import from_column, to_column, to_tensor
 from pipelines.transforms import TransformConfig, transform_pair
@@ -481,9 +482,7 @@ def build_cache(
     if plan_path.exists():
         old = json.loads(plan_path.read_text())
         if old["fingerprint"] != fp:
-            diff = sorted(
-                k for k in set(old["fingerprint"]) | set(fp) if old["fingerprint"].get(k) != fp.get(k)
-            )
+            diff = fingerprint_diff(old["fingerprint"], fp)
             raise CacheMismatchError(
                 f"{cache_dir} holds a cache built with other settings (differs in: {', '.join(diff)}); "
                 "use another cache.dir or delete this one to rebuild"

@@ -87,6 +87,7 @@ from pipelines.latent_cache import (
     pair_key,
     write_manifest,
 )
+from pipelines.plan import fingerprint_diff
 from pipelines.tensor_columns import to_column
 
 logger = logging.getLogger(__name__)
@@ -557,13 +558,7 @@ def _check_plan(cache_dir: Path, fp: dict[str, Any], source: str) -> None:
     if plan_path.exists():
         old = json.loads(plan_path.read_text())["fingerprint"]
         if old != fp:
-            diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-            if "settings" in diff:
-                diff += [
-                    f"settings.{k}"
-                    for k in sorted(set(old["settings"]) | set(fp["settings"]))
-                    if old["settings"].get(k) != fp["settings"].get(k)
-                ]
+            diff = fingerprint_diff(old, fp)
             raise CacheMismatchError(
                 f"{cache_dir} holds an online cache made with other settings, policy or prompts (differs in: "
                 f"{', '.join(diff)}); use another directory or delete this one"

@@ -62,6 +62,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from pipelines.plan import fingerprint_diff
 from pipelines.schema import MAPO_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -521,13 +522,7 @@ def _check_plan(output_dir: Path, fp: dict[str, Any]) -> None:
     if plan_path.exists():
         old = json.loads(plan_path.read_text())["fingerprint"]
         if old != fp:
-            diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-            if "settings" in diff:
-                diff += [
-                    f"settings.{k}"
-                    for k in sorted(fp["settings"])
-                    if old["settings"].get(k) != fp["settings"][k]
-                ]
+            diff = fingerprint_diff(old, fp)
             raise RegenerateMismatchError(
                 f"{output_dir} holds a dataset generated with other settings or prompts (differs in: "
                 f"{', '.join(diff)}); use another regenerate.output_dir or delete this one"
