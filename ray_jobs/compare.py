@@ -271,9 +271,9 @@ def plot_metrics(table: ComparisonTable, runs: list[RunInfo], out_dir: Path) -> 
 
 # ------------------------------------------------------------------------------------------- MLflow
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+    from ray_jobs.tracking import mlflow_client
 
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(uri)
 
 
 def _run_info(run) -> RunInfo:

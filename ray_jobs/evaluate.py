@@ -287,12 +287,10 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
 
 def _start_run(uri: str, cfg: RunConfig, base: Path, sources: list[ModelSource], labels: list[str]) -> str:
     """A new MLflow run for this evaluation, with the eval/model config and model paths as params."""
-    from mlflow.tracking import MlflowClient
-
     from ray_jobs import tracking
 
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-    run = MlflowClient(tracking_uri=uri).create_run(
+    run = tracking.mlflow_client(uri).create_run(
         exp_id,
         run_name=f"{cfg.run.name}-eval",
         tags={"prefopt.command": "eval", "prefopt.family": cfg.model.family},

@@ -188,10 +188,10 @@ def _nest(uri: str, run_id: str | None, parent: str | None, tags: dict[str, str]
     """Make ``run_id`` a child of ``parent`` (``mlflow.parentRunId``) and tag it; best effort."""
     if run_id is None or parent is None:
         return
-    from mlflow.tracking import MlflowClient
+    from ray_jobs.tracking import mlflow_client
 
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_client(uri)
         for key, value in {"mlflow.parentRunId": parent, **tags}.items():
             client.set_tag(run_id, key, value)
     except Exception as exc:

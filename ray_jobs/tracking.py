@@ -28,7 +28,9 @@ RUN_KEY_TAG = "prefopt.run_key"
 FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` for ``uri`` whose HTTP calls fail fast (see ``FAIL_FAST_ENV``); every prefopt MLflow
+    call goes through here."""
     from mlflow.tracking import MlflowClient
 
     for key, value in FAIL_FAST_ENV.items():
@@ -45,7 +47,7 @@ def default_artifact_location(uri: str) -> str | None:
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -67,7 +69,7 @@ def find_or_create_run(
     parent_run_id: str | None = None,
 ) -> tuple[str, bool]:
     """Return ``(run_id, resumed)``: the unfinished-or-finished run tagged ``run_key``, else a new one."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp_id = ensure_experiment(uri, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
     if found:
@@ -86,7 +88,7 @@ def log_params_once(uri: str, run_id: str, params: dict[str, Any]) -> None:
     are immutable) and the difference is logged as a warning and recorded as tags."""
     from mlflow.entities import Param
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     existing = client.get_run(run_id).data.params
     new, changed = [], {}
     for k, v in params.items():
@@ -107,7 +109,7 @@ def log_params_once(uri: str, run_id: str, params: dict[str, Any]) -> None:
 
 def set_terminated(uri: str, run_id: str, status: str = "FINISHED") -> None:
     try:
-        _client(uri).set_terminated(run_id, status=status)
+        mlflow_client(uri).set_terminated(run_id, status=status)
     except Exception as exc:  # pragma: no cover - best effort
         logger.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
 
@@ -166,7 +168,7 @@ class MetricBuffer:
         if self.run_id is None:
             return -1
         try:
-            history = _client(self.uri).get_metric_history(self.run_id, key)
+            history = mlflow_client(self.uri).get_metric_history(self.run_id, key)
         except Exception as exc:
             logger.warning("could not read MLflow history of %s: %s", key, exc)
             return -1
@@ -195,7 +197,7 @@ class MetricBuffer:
 
         try:
             run_id = self._ensure_run()
-            client = _client(self.uri)
+            client = mlflow_client(self.uri)
             while self._buffer:
                 chunk = self._buffer[:1000]
                 client.log_batch(run_id, metrics=[Metric(k, v, ts, s) for k, v, s, ts in chunk])
@@ -241,7 +243,7 @@ def replay_pending(uri: str, pending_path: str | Path) -> int:
     if not path.exists():
         return 0
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    client = _client(uri)
+    client = mlflow_client(uri)
     by_run: dict[str, list] = {}
     resolved: dict[str, str] = {}
     for r in rows:
@@ -266,14 +268,14 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
 
     ts = int(time.time() * 1000)
     try:
-        _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        mlflow_client(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
     except Exception as exc:
         logger.warning("could not log metrics to MLflow: %s", exc)
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     try:
-        _client(uri).log_artifact(run_id, str(path), artifact_path)
+        mlflow_client(uri).log_artifact(run_id, str(path), artifact_path)
     except Exception as exc:
         logger.warning("could not log artifact %s to MLflow: %s", path, exc)
 
@@ -293,7 +295,7 @@ def log_cache_input(uri: str, run_id: str, manifest: dict[str, Any], cache_dir: 
             schema=None,
         )
         entity = ds._to_mlflow_entity()
-        _client(uri).log_inputs(
+        mlflow_client(uri).log_inputs(
             run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "train")])]
         )
     except Exception as exc:
