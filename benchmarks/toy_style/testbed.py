@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import re
 import time
@@ -239,7 +240,7 @@ def run_testbed(workdir: Path, *, seed: int = 0, quick: bool = False, rebuild: b
     table = results_table(summary, trained)
     info = {
         "quick": quick, "date": time.strftime("%Y-%m-%d"), "total_s": time.perf_counter() - t0,
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "base_s": base_s, "base_reused": base_reused, "num_pairs": cache["num_pairs"],
         "pairs_per_prompt": budget.pairs_per_prompt, "eval_seeds": budget.eval_seeds,
         "max_steps": budget.max_steps,
