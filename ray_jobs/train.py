@@ -254,6 +254,9 @@ class WorkerRecipe:
                 identity=self.run_identity,
                 flush_every=5,
             )
+            # a resumed MLflow run may hold steps of an attempt that died before its first complete
+            # checkpoint (this one then starts at step 0 again): log each step once, here as after a restore
+            self.metrics.skip_through(self.metrics.last_logged_step("loss"))
         self._resume()
 
     def _reference_manager(self, probe_table):
