@@ -201,6 +201,15 @@ class TrainSection(_Section):
         description="Prompts of the end-of-run sample grid (base vs trained, MLflow artifact); 0: none.",
     )
     sample_steps: int = Field(20, ge=1, description="Inference steps of the sample grid.")
+    driver_read_max_mb: float = Field(
+        256.0,
+        ge=0,
+        description=(
+            "Caches up to this size (MB on disk) are read by the driver and put into the object store "
+            "once (no read tasks to start); larger ones are read by Ray Data tasks and streamed every "
+            "epoch. 0: always stream."
+        ),
+    )
 
 
 class TrackingSection(_Section):

@@ -567,14 +567,22 @@ def _loss_params(cfg: RunConfig) -> dict[str, Any]:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    t0 = time.perf_counter()
     recipe = WorkerRecipe(loop_config)
     recipe.setup()
+    phases = {"setup": time.perf_counter() - t0}
     try:
+        t = time.perf_counter()
         recipe.train()
+        phases["train"] = time.perf_counter() - t
         if recipe.cfg.train.export:
+            t = time.perf_counter()
             recipe.export()
+            phases["export"] = time.perf_counter() - t
     finally:
         recipe.cleanup()
+    if recipe.rank == 0:
+        logger.info("worker phases: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -717,6 +725,28 @@ def _ordered_ingest():
     return options
 
 
+def cache_dataset(cfg: RunConfig, manifest: dict):
+    """The training columns of the latent cache as a Ray Dataset, in shard order.
+
+    A cache of at most ``train.driver_read_max_mb`` on disk is read here with pyarrow and put into the
+    object store once (``from_arrow``): no read tasks to schedule, and every epoch re-reads memory. A
+    larger one is read by Ray Data tasks and streamed each epoch, so it never has to fit in the object
+    store. Both give the same rows in the same order.
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    needed = ["pair_key", *manifest["columns"].keys()]
+    columns = [c for c in needed if c not in GEOMETRY_COLUMNS]
+    files = [cfg.cache_dir / f for f in manifest["files"]]
+    size_mb = sum(f.stat().st_size for f in files) / 2**20
+    if size_mb <= cfg.train.driver_read_max_mb:
+        logger.info("cache %s: %.1f MB, read by the driver into the object store", cfg.cache_dir, size_mb)
+        return ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
+    logger.info("cache %s: %.1f MB, streamed by Ray Data read tasks", cfg.cache_dir, size_mb)
+    return ray.data.read_parquet([str(f) for f in files], columns=columns)
+
+
 def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSummary:
     """Train from the latent cache on Ray; returns (and writes) the run summary."""
     import ray
@@ -757,12 +787,7 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     uri = cfg.tracking_uri
     identity, run_id, resumed = open_tracking_run(cfg, manifest, parent_run_id)
 
-    needed = ["pair_key", *manifest["columns"].keys()]
-    files = [str(cfg.cache_dir / f) for f in manifest["files"]]
-    dataset = ray.data.read_parquet(files, columns=[c for c in needed if c not in GEOMETRY_COLUMNS])
-    # Latent caches are compact: materialise once so every epoch re-reads the object store, not parquet
-    # (a streaming re-read per epoch costs seconds of task start-up on small machines).
-    dataset = dataset.materialize()
+    dataset = cache_dataset(cfg, manifest)
     probe = dataset.take_batch(cfg.reference.probe_size, batch_format="pyarrow")
     sample_prompts = sample_captions(cfg.cache_dir, manifest, cfg.train.sample_prompts)
     use_gpu = (

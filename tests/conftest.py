@@ -63,3 +63,12 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def cache8(tmp_path_factory, tiny_sd3, ray_cluster) -> Path:
+    """An 8-pair latent cache of ``tiny_sd3`` (synthetic Pick-a-Pic-schema source, seed 21), shared by the
+    SD3 training tests."""
+    from tests._cache import synthetic_cache
+
+    return synthetic_cache(tmp_path_factory.mktemp("train_cache"), tiny_sd3, num_pairs=8, seed=21)

@@ -83,7 +83,9 @@ def test_shipped_configs_validate(path):
 def test_toy_base_needs_sd3_and_its_16_token_window(tmp_path):
     """``model.pretrained=toy-base`` lives in ``<workdir>/base_model``; its text encoders read 16 tokens, so
     any other ``max_sequence_length`` (here the schema default 256) or family is refused with the fix."""
-    cfg = load_config(None, [f"run.workdir={tmp_path}", "model.pretrained=toy-base", "model.max_sequence_length=16"])
+    cfg = load_config(
+        None, [f"run.workdir={tmp_path}", "model.pretrained=toy-base", "model.max_sequence_length=16"]
+    )
     assert cfg.base_model_dir == tmp_path / "base_model" and cfg.tiny_preset is None
     with pytest.raises(ConfigError, match="max_sequence_length=16"):
         load_config(None, ["model.pretrained=toy-base"])

@@ -1,6 +1,6 @@
 """`prefopt train` through Ray + DeepSpeed for the UNet families, with the full Rethinking-DPO recipe.
 
-(SD3 runs the same recipe in tests/test_train_ops.py: periodic reference, gamma sampling, lambda(t).)
+(SD3 runs the same recipe in tests/test_train.py: periodic reference, gamma sampling, lambda(t).)
 """
 
 from __future__ import annotations
