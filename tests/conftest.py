@@ -17,6 +17,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+#: Test files that start Ray Train runs or Ray clusters, longest first (minutes each on 2 cores). The
+#: suite runs under pytest-xdist with ``--dist loadfile --no-loadscope-reorder`` (scripts/test.sh):
+#: handing these out first and the many short files last keeps both workers busy to the end.
+LONGEST_FIRST = (
+    "test_train.py",
+    "test_train_ops.py",
+    "test_cluster_submit.py",
+    "test_train_families.py",
+    "test_online.py",
+    "test_benchmarks.py",
+    "test_regenerate.py",
+    "test_latent_cache.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest files first (a stable sort: the order inside each file is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory) -> Path:
     """A tiny SD3 pipeline directory (built offline once per session)."""

@@ -88,7 +88,7 @@ def test_lora_run_with_tracking_server_down(tmp_path, tiny_sd3, cache8):
     np.testing.assert_allclose(with_lora, fused, atol=1e-4)
 
 
-def test_rerun_after_driver_kill_resumes(tmp_path, tiny_sd3, cache8):
+def test_rerun_after_driver_kill_resumes(tmp_path, tiny_sd3, cache8, ray_cluster):
     """SIGKILL the `prefopt train` driver once its first checkpoint exists; the same command again
     resumes the run (same MLflow run, continues from the checkpoint) and ends at max_steps with each
     step logged once."""
@@ -104,7 +104,9 @@ def test_rerun_after_driver_kill_resumes(tmp_path, tiny_sd3, cache8):
         "train.checkpoint_every=2",
         "train.export=false",
         "train.num_workers=1",
-        "ray.address=local",
+        # the session's Ray, as a second driver would join a cluster (starting a fresh local Ray per
+        # driver would add its start-up twice): killing this driver ends its job, not the cluster
+        f"ray.address={ray_cluster.get_runtime_context().gcs_address}",
     ]
     env = {**os.environ, "PREFOPT_LOG_LEVEL": "WARNING"}
     first = subprocess.Popen(
