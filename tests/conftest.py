@@ -22,9 +22,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 #: handing these out first and the many short files last keeps both workers busy to the end.
 LONGEST_FIRST = (
     "test_train.py",
-    "test_train_ops.py",
     "test_cluster_submit.py",
     "test_train_families.py",
+    "test_train_ops.py",
     "test_online.py",
     "test_benchmarks.py",
     "test_regenerate.py",
