@@ -270,12 +270,6 @@ def plot_metrics(table: ComparisonTable, runs: list[RunInfo], out_dir: Path) -> 
 
 
 # ------------------------------------------------------------------------------------------- MLflow
-def _client(uri: str):
-    from ray_jobs.tracking import mlflow_client
-
-    return mlflow_client(uri)
-
-
 def _run_info(run) -> RunInfo:
     return RunInfo(
         run_id=run.info.run_id,
@@ -295,7 +289,9 @@ def select_runs(
     """
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
+    from ray_jobs.tracking import mlflow_client
+
+    client = mlflow_client(uri)
     exp_id = None
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
@@ -331,7 +327,9 @@ def fetch_histories(
     uri: str, runs: list[RunInfo], metrics: list[str]
 ) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """``{run_id: {metric: [(step, value), ...]}}`` ordered by (step, timestamp); absent metrics omitted."""
-    client = _client(uri)
+    from ray_jobs.tracking import mlflow_client
+
+    client = mlflow_client(uri)
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for run in runs:
         per_metric = {}

@@ -708,6 +708,8 @@ def sample_captions(cache_dir: Path, manifest: dict, n: int) -> list[str]:
     import pyarrow.parquet as pq
 
     out: list[str] = []
+    if n <= 0:  # no sample grid: read nothing
+        return out
     for f in manifest["files"]:
         for caption in pq.read_table(cache_dir / f, columns=["caption"])["caption"].to_pylist():
             if caption not in out:
