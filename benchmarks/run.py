@@ -77,7 +77,7 @@ PRELOAD = (
     "prefopt_core.objective",
     "prefopt_core.models.sd3",
     "pipelines.latent_cache",
-    "ray_jobs.train",
+    "ray_jobs.training.recipe",
 )
 #: Everything a case process imports (before its memory baseline).
 CASE_IMPORTS = (
@@ -458,8 +458,8 @@ def cached_batches(cache_dir: str | Path, batch_size: int) -> Iterator[tuple[int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipelines.cache_reader import GEOMETRY_COLUMNS, batch_from_table
     from pipelines.latent_cache import read_manifest, tensor_columns
-    from ray_jobs.train import GEOMETRY_COLUMNS, batch_from_table
 
     manifest = read_manifest(cache_dir)
     columns = {k: v for k, v in tensor_columns(manifest).items() if k not in GEOMETRY_COLUMNS}
@@ -530,7 +530,7 @@ def _policy_reference_objective(cfg, base: str, loss: str, with_reference: bool)
 
     from prefopt_core.models.base import TORCH_DTYPES, adapter_for
     from prefopt_core.objective import PreferenceObjective
-    from ray_jobs.train import timestep_config
+    from ray_jobs.training.recipe import _timestep_config as timestep_config
 
     adapter = adapter_for(cfg.model, base)
     policy = adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32).train()
@@ -651,7 +651,7 @@ WORKER_IMPORTS = (
 
 
 def reporting_train_loop(loop_config: dict[str, Any]) -> None:
-    """``ray_jobs.train.train_loop_per_worker`` unchanged, plus each worker's memory written to
+    """``ray_jobs.training.recipe.train_loop_per_worker`` unchanged, plus each worker's memory written to
     ``<run.workdir>/worker_memory/rank<R>.json`` at the end: the peak through ``WorkerRecipe.setup`` and
     the peak of what follows (training steps, checkpoint), both minus the RSS after the imports."""
     from unittest import mock
@@ -659,7 +659,7 @@ def reporting_train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from ray_jobs import train
+    from ray_jobs.training import recipe as train
 
     for module in WORKER_IMPORTS:  # before the baseline, so that it holds the libraries on every rank
         importlib.import_module(module)
@@ -681,7 +681,7 @@ def reporting_train_loop(loop_config: dict[str, Any]) -> None:
         "setup_delta_mib": after_setup.get("delta_mib"),
         **memory_report(baseline),
     }
-    out = Path(loop_config["config"]["run"]["workdir"]) / _WORKER_REPORTS / f"rank{rank}.json"
+    out = Path(loop_config["inputs"].config.workdir) / _WORKER_REPORTS / f"rank{rank}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report))
 
@@ -691,7 +691,7 @@ def _reporting_workers():
     """Make ``run_training`` start :func:`reporting_train_loop` (only for the duration of the block)."""
     from unittest import mock
 
-    import ray_jobs.train as train
+    import ray_jobs.training.recipe as train
 
     with mock.patch.object(train, "train_loop_per_worker", reporting_train_loop):
         yield
@@ -702,7 +702,7 @@ def ray_training_run(cfg) -> dict[str, Any]:
     (``time/step_s`` per optimizer step), the workers' memory reports and the wall time."""
     from mlflow.tracking import MlflowClient
 
-    from ray_jobs.train import run_training
+    from ray_jobs.training.driver import run_training
 
     shutil.rmtree(cfg.workdir, ignore_errors=True)
     t0 = time.perf_counter()

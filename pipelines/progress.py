@@ -58,12 +58,18 @@ def progress_line(record: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def log_progress(record: dict[str, Any], logger: logging.Logger | None = None) -> None:
+    """Log a progress record: its human line as the message, the record itself as ``record.progress``."""
+    (logger or logging.getLogger(PROGRESS_LOGGER)).info(progress_line(record), extra={"progress": record})
+
+
 class Progress:
     """Counts ``done`` of ``total`` units and logs a progress record at most every ``every_s`` seconds.
 
     ``start_done`` is work already done before this process started (a resumed build): it counts towards
-    ``done`` but not towards the rate, so the ETA reflects this process's speed. ``clock`` is injectable
-    for tests.
+    ``done`` but not towards the rate, so the ETA reflects this process's speed. ``sink`` receives each
+    record instead of logging it here (a Ray worker hands its records to the driver, which logs them with
+    :func:`log_progress`). ``clock`` is injectable for tests.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class Progress:
         every_s: float = 5.0,
         start_done: int = 0,
         logger: logging.Logger | None = None,
+        sink: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.task, self.total, self.unit, self.every_s = task, total, unit, every_s
@@ -83,7 +90,7 @@ class Progress:
         self._clock = clock
         self._t0 = clock()
         self._last_emit: float | None = None
-        self._logger = logger or logging.getLogger(PROGRESS_LOGGER)
+        self._sink = sink or (lambda record: log_progress(record, logger))
         self.extra: dict[str, Any] = {}
 
     def record(self) -> dict[str, Any]:
@@ -112,9 +119,8 @@ class Progress:
             self.emit()
 
     def emit(self) -> None:
-        rec = self.record()
         self._last_emit = self._clock()
-        self._logger.info(progress_line(rec), extra={"progress": rec})
+        self._sink(self.record())
 
     def finish(self, **extra: Any) -> None:
         """Log the final record (unless the last update already logged the total)."""

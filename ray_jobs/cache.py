@@ -75,9 +75,9 @@ def precompute_settings(cfg: RunConfig) -> dict | None:
 
 
 def run_cache(cfg: RunConfig) -> dict:
+    from pipelines.base_model import prepare_base_model
     from pipelines.latent_cache import build_cache
     from ray_jobs.cluster import ensure_ray
-    from ray_jobs.train import prepare_base_model
 
     ensure_ray(cfg)
     cfg.workdir.mkdir(parents=True, exist_ok=True)

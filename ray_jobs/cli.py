@@ -59,7 +59,7 @@ def _cmd_cache(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _cmd_train(cfg: RunConfig) -> dict[str, Any]:
-    from ray_jobs.train import run_training
+    from ray_jobs.training.driver import run_training
 
     return vars(run_training(cfg))
 

@@ -45,7 +45,7 @@ def evaluation_config(cfg: RunConfig, export_dir: str) -> RunConfig:
 def run_demo(cfg: RunConfig) -> dict[str, Any]:
     from ray_jobs.cache import run_cache
     from ray_jobs.evaluate import run_eval
-    from ray_jobs.train import run_training
+    from ray_jobs.training.driver import run_training
 
     if cfg.model.pretrained == TOY_BASE and not (cfg.base_model_dir / "model_index.json").exists():
         logger.info("demo: training the toy base into %s first (once, ~5 min on 2 cores)", cfg.base_model_dir)

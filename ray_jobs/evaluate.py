@@ -109,7 +109,7 @@ def resolve_models(entries: list[str], denoiser_subfolder: str) -> list[ModelSou
 def baseline_dir(cfg: RunConfig) -> Path:
     """``eval.baseline`` (a pipeline directory), else ``model.pretrained`` (tiny models are built on demand)."""
     if cfg.eval.baseline is None:
-        from ray_jobs.train import prepare_base_model
+        from pipelines.base_model import prepare_base_model
 
         return prepare_base_model(cfg)
     path = Path(cfg.eval.baseline).expanduser()

@@ -10,7 +10,7 @@ Round ``r`` (``online.rounds`` of them), under ``<workdir>/online/round_{r:03d}/
    per prompt from the current policy (round 0: ``model.init_denoiser``, else the base model; round r+1:
    the export of round r), scores them with ``online.scorer`` and writes best-vs-worst pairs as a latent
    cache in ``cache/`` (resumable per chunk).
-2. **train** — :func:`ray_jobs.train.run_training` on that cache for ``online.steps_per_round`` steps, with
+2. **train** — :func:`ray_jobs.training.driver.run_training` on that cache for ``online.steps_per_round`` steps, with
    the config's loss and reference strategy, ``model.init_denoiser`` = the policy the pairs came from (so
    the policy *and* a frozen/periodic reference start from it: the reference of round r+1 is the policy at
    the start of round r+1), ``run.name = <name>-r{r}``, its own ``ray_results/`` and ``export/``.
@@ -241,7 +241,7 @@ def run_round(
     from pipelines.online import generate_online_cache
     from ray_jobs import tracking
     from ray_jobs.evaluate import run_eval
-    from ray_jobs.train import run_training
+    from ray_jobs.training.driver import run_training
 
     uri = cfg.tracking_uri
     rcfg = round_config(cfg, round_index, base, policy)
@@ -304,9 +304,9 @@ def run_round(
 
 def run_online(cfg: RunConfig) -> dict[str, Any]:
     """Run (or finish) ``online.rounds`` rounds; returns (and writes) the summary."""
+    from pipelines.base_model import prepare_base_model
     from ray_jobs import tracking
     from ray_jobs.cluster import ensure_ray
-    from ray_jobs.train import prepare_base_model
 
     prompts = resolve_prompts(cfg)
     ensure_ray(cfg)

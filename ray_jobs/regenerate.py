@@ -91,9 +91,9 @@ def _resolved_config(cfg: RunConfig, out: Path) -> str:
 
 def run_regenerate(cfg: RunConfig) -> dict:
     """Generate (or finish) the preference dataset of ``cfg``; returns (and writes) the summary."""
+    from pipelines.base_model import prepare_base_model
     from pipelines.regenerate import generate_dataset, resolve_templates
     from ray_jobs.cluster import ensure_ray
-    from ray_jobs.train import prepare_base_model
 
     r = cfg.regenerate
     resolve_templates(r.preset, r.chosen_template, r.rejected_template, r.rejected_prefix)  # fail fast

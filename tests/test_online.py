@@ -189,7 +189,7 @@ def test_manifest_is_a_latent_cache_for_the_model(round0, tiny_sd3):
     """The keys ``build_cache`` writes, the model fingerprint training checks (accepted by
     check_cache_matches, refused at another resolution), training can batch the rows, and every prompt is
     kept or skipped."""
-    from ray_jobs.train import batch_from_table
+    from pipelines.cache_reader import batch_from_table
 
     cache_dir, _ = round0
     manifest = read_manifest(cache_dir)

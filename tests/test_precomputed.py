@@ -6,11 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipelines.cache_reader import batch_from_table
 from pipelines.latent_cache import read_manifest
 from prefopt_core.config import load_config
 from prefopt_core.models.sd3 import SD3Adapter
 from prefopt_core.objective import PreferenceObjective, TimestepConfig
-from ray_jobs.train import batch_from_table, check_precomputed, epochs_needed
+from ray_jobs.training.driver import check_precomputed, epochs_needed
 from tests._cache import synthetic_cache
 
 pytestmark = pytest.mark.slow

@@ -25,11 +25,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipelines.cache_reader import batch_from_table
 from pipelines.latent_cache import read_manifest
 from prefopt_core.config import load_config
 from prefopt_core.models.sd3 import SD3Adapter
 from prefopt_core.objective import PreferenceObjective, TimestepConfig
-from ray_jobs.train import batch_from_table, run_training
+from ray_jobs.training.driver import run_training
 from tests._runs import history, train_overrides
 
 pytestmark = pytest.mark.slow
@@ -217,13 +218,13 @@ def test_driver_read_and_streamed_cache_give_the_same_rows(cache8, ray_cluster):
     import pyarrow as pa
     import ray
 
-    from ray_jobs.train import GEOMETRY_COLUMNS, cache_dataset
+    from pipelines.cache_reader import GEOMETRY_COLUMNS, cache_dataset
 
     manifest = read_manifest(cache8)
     tables = {}
     for limit in ("256", "0"):
         cfg = load_config(None, [f"cache.dir={cache8}", f"train.driver_read_max_mb={limit}"])
-        dataset = cache_dataset(cfg, manifest)
+        dataset = cache_dataset(cfg.cache_dir, manifest, driver_read_max_mb=cfg.train.driver_read_max_mb)
         tables[limit] = pa.concat_tables(ray.get(dataset.to_arrow_refs())).combine_chunks()
     driver, streamed = tables["256"], tables["0"]
     expected_columns = [c for c in ["pair_key", *manifest["columns"]] if c not in GEOMETRY_COLUMNS]

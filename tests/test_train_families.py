@@ -12,7 +12,7 @@ import pytest
 
 from prefopt_core.config import load_config
 from ray_jobs.cache import run_cache
-from ray_jobs.train import run_training
+from ray_jobs.training.driver import run_training
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from prefopt_core.config import load_config
-from ray_jobs.train import run_training
+from ray_jobs.training.driver import run_training
 from tests._runs import train_overrides
 
 pytestmark = pytest.mark.slow

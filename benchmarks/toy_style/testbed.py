@@ -125,7 +125,7 @@ def cache_pairs(workdir: Path, base_dir: Path) -> dict:
 
 
 def train_method(workdir: Path, base_dir: Path, method: Method, budget: Budget) -> dict:
-    from ray_jobs.train import run_training
+    from ray_jobs.training.driver import run_training
 
     loss = next(o.split("=", 1)[1] for o in method.overrides if o.startswith("loss.name="))
     cfg = _config(workdir, method.name, base_dir, f"cache.dir={workdir / 'cache'}",

@@ -1,0 +1,38 @@
+"""The pretrained pipeline a command starts from: a local diffusers directory, or one built on demand.
+
+``model.pretrained``: a local pipeline directory (used as is); ``tiny`` / ``tiny:<preset>`` (an offline random
+tiny pipeline built under ``<workdir>/base_model``); ``toy-base`` (the toy testbed's trained SD3, built once
+there and reused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefopt_core.config import TOY_BASE, RunConfig
+
+
+def prepare_base_model(cfg: RunConfig) -> Path:
+    """The pretrained pipeline directory of ``cfg``, building it first where ``model.pretrained`` asks for a
+    built one. Raises ``FileNotFoundError`` (with the fix) when a path is not a diffusers pipeline."""
+    if cfg.model.pretrained == TOY_BASE:
+        from benchmarks.toy_style.base import build_toy_base
+
+        return build_toy_base(cfg.base_model_dir, seed=cfg.run.seed)
+    if cfg.tiny_preset is not None:
+        from prefopt_core.models.tiny import make_tiny_pipeline
+
+        return make_tiny_pipeline(
+            cfg.base_model_dir,
+            family=cfg.model.family,
+            preset=cfg.tiny_preset,
+            seed=cfg.run.seed,
+            resolution=cfg.model.resolution,
+        )
+    path = cfg.base_model_dir
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"model.pretrained={cfg.model.pretrained!r} is not a local diffusers pipeline directory; download it "
+            "first (e.g. `huggingface-cli download <id> --local-dir DIR`) and pass the directory"
+        )
+    return path

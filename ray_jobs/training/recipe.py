@@ -1,0 +1,489 @@
+"""One training worker, read top to bottom: ``setup -> train -> export -> cleanup``.
+
+DeepSpeed engine (ZeRO 0-3) over the trainable denoiser, a frozen reference (or none), the family-agnostic
+:class:`prefopt_core.objective.PreferenceObjective`, metrics reduced over workers and logged by rank 0,
+sharded checkpoints handed to the runtime, resume from the latest one, progress records for the driver's
+console, and a ``save_pretrained`` export of the trained denoiser.
+
+The recipe gets everything it needs as :class:`RecipeInputs` and a :class:`~ray_jobs.training.context.WorkerContext`
+(rank, batches, checkpoints): under Ray Train that is :class:`~ray_jobs.training.context.RayTrainContext`
+(:func:`train_loop_per_worker`), and a unit test runs the same recipe in one process with
+:class:`~ray_jobs.training.context.LocalContext`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.cache_reader import batch_from_table
+from pipelines.progress import Progress
+from prefopt_core.config import RunConfig
+from prefopt_core.metrics import BinAccumulator
+from prefopt_core.objective import PreferenceBatch
+from ray_jobs.training.context import RayTrainContext, WorkerContext
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "checkpoint"
+COMPLETE_MARKER = "prefopt_checkpoint_complete.json"
+REFERENCE_FILE = "reference.pt"
+#: Seconds between two training progress records (the driver prints each as one console line).
+PROGRESS_EVERY_S = 5.0
+
+
+@dataclass
+class RecipeInputs:
+    """Everything a worker is started with (the driver builds it once; Ray pickles it to every worker)."""
+
+    config: RunConfig
+    manifest: dict[str, Any]  # the latent cache's manifest (tensor columns and their per-row shapes)
+    tracking_uri: str
+    base_model_dir: str
+    export_dir: str
+    run_id: str | None = None  # the MLflow run; None when the server was down at start
+    run_identity: Any = None  # ray_jobs.tracking.RunIdentity: lets rank 0 create the run later
+    probe: Any = None  # pyarrow table of cache rows for the divergence probe, or None
+    sample_prompts: list[str] = field(default_factory=list)
+    progress_every_s: float = PROGRESS_EVERY_S
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides weights and optimizer state."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current pass over this worker's shard
+    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> TrainState:
+        """The known fields of a saved state (checkpoints may carry keys this version no longer has)."""
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+
+class WorkerRecipe:
+    """One training worker: ``setup() -> train() -> export() -> cleanup()``."""
+
+    def __init__(self, inputs: RecipeInputs, ctx: WorkerContext) -> None:
+        self.inputs = inputs
+        self.cfg = inputs.config
+        self.ctx = ctx
+        self.rank = ctx.rank
+        self.world = ctx.world_size
+        self.state = TrainState()
+        self.columns = {k: list(v) for k, v in inputs.manifest["columns"].items()}
+        self.last_checkpoint_step: int | None = None
+
+    # -------------------------------------------------------------- setup
+    def setup(self) -> None:
+        import deepspeed
+
+        from prefopt_core.models.base import adapter_for
+        from prefopt_core.objective import PreferenceObjective
+        from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu
+        from ray_jobs.training.lora import add_lora
+        from ray_jobs.training.optim import build_optimizer
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if not cuda:
+            patch_deepspeed_for_cpu()
+        self.adapter = adapter_for(cfg.model, self.inputs.base_model_dir)
+        policy = self.adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32)
+        if cfg.train.gradient_checkpointing:
+            policy.enable_gradient_checkpointing()
+        if cfg.model.lora_rank > 0:
+            policy = add_lora(policy, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
+        policy.train()
+        optimizer, scheduler = build_optimizer(policy, cfg.train)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, self.world)
+        )
+        self.objective = PreferenceObjective(
+            self.adapter,
+            loss_name=cfg.loss.name,
+            loss_params=_loss_params(cfg),
+            timesteps=_timestep_config(cfg),
+            seed=cfg.run.seed,
+        )
+        self.refs = self._reference_manager()
+        self.reference = self.refs.reference
+        self.bins = BinAccumulator(self.adapter.schedule.num_train_timesteps)
+        self.metrics = None
+        if self.rank == 0:
+            from ray_jobs.tracking import MetricBuffer
+
+            self.metrics = MetricBuffer(
+                self.inputs.tracking_uri,
+                self.inputs.run_id,
+                Path(cfg.workdir) / "mlflow_pending.jsonl",
+                identity=self.inputs.run_identity,
+                flush_every=5,
+            )
+            # a resumed MLflow run may hold steps of an attempt that died after them (before or after its
+            # last complete checkpoint): log each step once, whatever step training restarts at
+            self.metrics.skip_through(self.metrics.last_logged_step("loss"))
+        self._resume()
+
+    def _load_reference(self) -> torch.nn.Module | None:
+        """The frozen/periodic reference: the LoRA policy with adapters off, or a copy of the initial
+        denoiser (partitioned by an inference-only ZeRO-3 engine when the policy is)."""
+        import deepspeed
+
+        from prefopt_core.models.base import TORCH_DTYPES
+        from ray_jobs.training.deepspeed_config import ds_config
+        from ray_jobs.training.lora import AdaptersDisabled
+
+        cfg = self.cfg
+        if cfg.reference.strategy not in ("frozen", "periodic"):
+            return None
+        if cfg.model.lora_rank > 0:
+            return AdaptersDisabled(self.engine.module)  # the base model, no second copy
+        reference = self.adapter.load_denoiser(cfg.model.init_denoiser, dtype=TORCH_DTYPES[cfg.model.dtype])
+        reference.requires_grad_(False).eval()
+        if cfg.train.zero_stage == 3:
+            ref_engine, *_ = deepspeed.initialize(
+                model=reference, config=ds_config(cfg, self.world, reference=True)
+            )
+            ref_engine.eval()
+            return ref_engine.module
+        return reference.to(self.device)
+
+    def _reference_manager(self):
+        """The reference strategy around :meth:`_load_reference`, with the divergence probe set."""
+        from prefopt_core.models.base import per_sample_mse
+        from prefopt_core.reference import ReferenceManager, build_probe, zero3_copy
+
+        cfg, adapter = self.cfg, self.adapter
+        probe_table = self.inputs.probe
+        probe = None
+        if probe_table is not None and probe_table.num_rows:
+            pb = batch_from_table(probe_table, self.columns)
+            probe = build_probe(
+                pb.latents_w,
+                {**pb.cond, **pb.cond_w},
+                size=min(cfg.reference.probe_size, probe_table.num_rows),
+                num_train_timesteps=adapter.schedule.num_train_timesteps,
+                seed=cfg.run.seed,
+            )
+
+        def errors_fn(module, p):
+            x_t = adapter.noisy_latents(p.latents, p.noise, p.t)
+            pred = adapter.predict(module, x_t, p.t, p.cond)
+            return per_sample_mse(pred, adapter.target(p.latents, p.noise, p.t))
+
+        return ReferenceManager.from_config(
+            cfg.reference,
+            loss_name=cfg.loss.name,
+            reference=self._load_reference(),
+            probe=probe,
+            errors_fn=errors_fn if probe is not None else None,
+            pretrained_fn=lambda: adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32),
+            copy_fn=zero3_copy,
+            chunk_size=2 * cfg.train.batch_size,
+            device=self.device,
+        )
+
+    def _resume(self) -> None:
+        """Restore engine, reference and :class:`TrainState` from the latest checkpoint, if there is one."""
+        self.initial_metrics: dict[str, float] = {}
+        with self.ctx.latest_checkpoint() as d:
+            if d is None:
+                if self.cfg.train.resume == "require":
+                    raise RuntimeError(
+                        f"train.resume=require but no checkpoint of run {self.cfg.run.name!r} exists under "
+                        f"{self.cfg.workdir / 'ray_results'}"
+                    )
+                if self.rank == 0:
+                    logger.info("no checkpoint found for run %r: starting at step 0", self.cfg.run.name)
+                self.initial_metrics = self.refs.initialize(self.engine)
+                return
+            if not (d / COMPLETE_MARKER).exists():
+                raise RuntimeError(f"checkpoint {d} has no completion marker: it was not fully written")
+            path, client_state = self.engine.load_checkpoint(
+                str(d), tag=CHECKPOINT_TAG, load_module_strict=True
+            )
+            if path is None:  # DeepSpeed returns (None, None) instead of raising
+                raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {d}")
+            self.refs.load_state_dict(client_state["reference"])
+            if not self.refs.reference_is_pretrained:
+                self.refs.load_reference_state_dict(torch.load(d / REFERENCE_FILE, weights_only=True))
+        self.state = TrainState.from_dict(client_state["train_state"])
+        self.last_checkpoint_step = self.state.step
+        if self.rank == 0:
+            logger.info(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                path,
+                self.state.step,
+                self.state.epoch,
+                self.state.batch_in_epoch,
+            )
+
+    # -------------------------------------------------------------- train
+    def _batches(self) -> Iterator[PreferenceBatch]:
+        """Endless micro-batches; epochs re-iterate the shard; skips what a resumed state already consumed."""
+        cfg = self.cfg
+        while True:
+            seed = cfg.run.seed * 1000 + self.state.epoch * 10 + self.rank
+            produced = 0
+            for i, table in enumerate(self.ctx.epoch_batches(cfg.train.batch_size, seed)):
+                if i < self.state.batch_in_epoch:
+                    continue
+                produced += 1
+                self.state.batch_in_epoch = i + 1
+                yield batch_from_table(table, self.columns)
+            if produced == 0 and self.state.batch_in_epoch == 0:
+                raise RuntimeError(
+                    f"worker {self.rank} got no full batch of {cfg.train.batch_size} pairs from the cache; "
+                    "use a smaller train.batch_size or fewer train.num_workers"
+                )
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def _optimizer_step(self, batches: Iterator[PreferenceBatch]) -> tuple[dict[str, torch.Tensor], float]:
+        """``grad_accum`` micro-batches and one optimizer step; returns the metric sums (averaged over the
+        micro-batches, this worker only) and the seconds spent waiting for data."""
+        cfg = self.cfg
+        sums: dict[str, torch.Tensor] = {}
+        data_s = 0.0
+        for _ in range(cfg.train.grad_accum):
+            td = time.perf_counter()
+            batch = next(batches).to(self.device)
+            data_s += time.perf_counter() - td
+            epoch = self.state.epoch  # read after next(): the batch may have opened a new epoch
+            out = self.objective(self.engine, batch, epoch=epoch, reference=self.reference)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+                sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
+            if "reward_margin" in out.out.per_sample:
+                self.bins.update(out.t, out.out.per_sample["reward_margin"])
+        return sums, data_s
+
+    def train(self) -> dict[str, float]:
+        """Optimizer steps until ``train.max_steps``, each logged (rank 0), checkpointed every
+        ``train.checkpoint_every`` steps and at the end."""
+        cfg = self.cfg
+        batches = self._batches()
+        progress = self._progress()
+        last: dict[str, float] = {}
+        while self.state.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            sums, data_s = self._optimizer_step(batches)
+            self.state.step += 1
+            self._maybe_inject_fault()
+            ref_metrics = self.refs.on_optimizer_step(self.state.step, self.engine)  # every rank (collective)
+            step_time = time.perf_counter() - t0
+            metrics = self._reduce(sums)
+            metrics.update(ref_metrics)  # identical on every rank: no reduction
+            if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.max_steps:
+                metrics.update(self._eval_metrics())
+            pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
+            metrics.update(
+                lr=self.scheduler.get_last_lr()[0],
+                pairs_per_s=pairs / step_time,
+                **{"time/step_s": step_time, "time/data_s": data_s},
+            )
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            if self.metrics is not None:
+                if self.state.step == 1 and self.initial_metrics:
+                    self.metrics.log(self.initial_metrics, 0)
+                self.metrics.log(metrics, self.state.step)
+            last = metrics
+            if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
+                self._checkpoint(metrics)
+            if progress is not None:
+                progress.update(1, **self._progress_extra(metrics))
+        if not cfg.train.checkpoint_every or self.state.step % cfg.train.checkpoint_every:
+            self._checkpoint(last)
+        if progress is not None:
+            progress.finish(checkpoint=f"step {self.last_checkpoint_step}")
+        return last
+
+    def _progress(self) -> Progress | None:
+        """Rank 0's training progress counter (steps), its records handed to the context."""
+        if self.rank != 0:
+            return None
+        return Progress(
+            "train",
+            self.cfg.train.max_steps,
+            unit="steps",
+            every_s=self.inputs.progress_every_s,
+            start_done=self.state.step,
+            sink=self.ctx.progress,
+        )
+
+    def _progress_extra(self, metrics: dict[str, float]) -> dict[str, Any]:
+        extra = {k: metrics[k] for k in ("loss", "implicit_acc", "reward_margin") if k in metrics}
+        extra["pairs/s"] = metrics["pairs_per_s"]
+        if self.last_checkpoint_step is not None:
+            extra["checkpoint"] = f"step {self.last_checkpoint_step}"
+        return extra
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean over workers of the per-step metrics (on the device: NCCL only reduces GPU tensors)."""
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        vec = torch.stack([sums[k].detach().float().to(self.device) for k in keys])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(vec)
+            vec /= self.world
+        return {k: float(v) for k, v in zip(keys, vec.cpu().tolist(), strict=True)}
+
+    def _eval_metrics(self) -> dict[str, float]:
+        """KL estimates on the probe and per-timestep-bin accuracy/margin since the last eval."""
+        import torch.distributed as dist
+
+        out = self.refs.measure(self.engine) if self.refs.probe is not None else {}
+        vec = self.bins.to_tensor().to(self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(vec)
+        out.update(BinAccumulator.from_tensor(vec.cpu(), self.adapter.schedule.num_train_timesteps).compute())
+        self.bins.reset()
+        return out
+
+    def _maybe_inject_fault(self) -> None:
+        """``train.fail_at_step``: the last rank raises once at that step (a marker file keeps it to once)."""
+        cfg = self.cfg
+        if cfg.train.fail_at_step is None or self.state.step != cfg.train.fail_at_step:
+            return
+        marker = Path(cfg.workdir) / f".fault_injected_{cfg.run.name}_{cfg.train.fail_at_step}"
+        if self.rank == self.world - 1 and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("fired\n")
+            raise RuntimeError(f"injected fault at step {self.state.step} (train.fail_at_step)")
+
+    def _checkpoint(self, metrics: dict[str, float]) -> None:
+        """Every rank saves its DeepSpeed shards (and rank 0 a moved reference) into a temporary directory,
+        rank 0 writes the completion marker after a barrier, and each hands its directory to the context."""
+        import torch.distributed as dist
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"prefopt-ckpt-r{self.rank}-"))
+        self.engine.save_checkpoint(
+            str(tmp),
+            tag=CHECKPOINT_TAG,
+            client_state={"train_state": vars(self.state).copy(), "reference": self.refs.state_dict()},
+            save_latest=False,
+        )
+        if not self.refs.reference_is_pretrained:  # a moved reference: its weights go with the checkpoint
+            ref_state = self.refs.reference_state_dict(rank0_only=True)  # collective under ZeRO-3
+            if self.rank == 0:
+                torch.save(ref_state, tmp / REFERENCE_FILE)
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            (tmp / COMPLETE_MARKER).write_text(
+                json.dumps({"step": self.state.step, "world_size": self.world})
+            )
+            if self.metrics is not None:
+                self.metrics.flush()
+        self.ctx.report({"step": self.state.step, **metrics}, tmp, f"step_{self.state.step:08d}")
+        self.last_checkpoint_step = self.state.step
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # -------------------------------------------------------------- export + cleanup
+    def export(self) -> None:
+        """Full weights (LoRA fused) under ``export_dir/<denoiser>``; LoRA adapters under ``export_dir/lora``."""
+        import torch.distributed as dist
+
+        from ray_jobs.export import export_full, export_lora, gather_full_state_dict
+
+        module = self.engine.module
+        state = gather_full_state_dict(module, zero_stage=self.cfg.train.zero_stage, rank=self.rank)
+        if self.rank == 0:
+            export_dir = Path(self.inputs.export_dir)
+            export_full(module, state, export_dir / self.adapter.denoiser_subfolder)
+            if self.cfg.model.lora_rank > 0:
+                export_lora(self.cfg.model.family, module, state, export_dir / "lora")
+            self._sample_grid(export_dir / self.adapter.denoiser_subfolder)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _sample_grid(self, exported: Path) -> None:
+        from ray_jobs.tracking import log_artifact
+        from ray_jobs.training.sample_grid import write_sample_grid
+
+        prompts = list(self.inputs.sample_prompts)[: self.cfg.train.sample_prompts]
+        if not prompts:
+            return
+        path = Path(self.cfg.workdir) / "samples" / f"step_{self.state.step:08d}.png"
+        write_sample_grid(self.cfg, self.adapter, prompts, exported, path, device=self.device)
+        run_id = self.metrics.run_id if self.metrics is not None else None
+        if run_id:
+            log_artifact(self.inputs.tracking_uri, run_id, path, "samples")
+
+    def cleanup(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _loss_params(cfg: RunConfig) -> dict[str, Any]:
+    from prefopt_core.losses import get_loss
+
+    spec = get_loss(cfg.loss.name)
+    candidates = {
+        "beta": cfg.loss.resolved_beta(),
+        "convention": cfg.loss.convention,
+        "snr_value": cfg.loss.snr_value,
+        "desirable_weight": cfg.loss.desirable_weight,
+        "undesirable_weight": cfg.loss.undesirable_weight,
+    }
+    return {k: v for k, v in candidates.items() if k in spec.params}
+
+
+def _timestep_config(cfg: RunConfig):
+    """The objective's ``TimestepConfig`` of a run config (sampling, logit-normal, gamma bins, lambda(t))."""
+    from prefopt_core.objective import TimestepConfig
+
+    t = cfg.timesteps
+    return TimestepConfig(
+        sampling=cfg.timestep_sampling,
+        logit_mean=t.logit_mean,
+        logit_std=t.logit_std,
+        gamma=t.gamma,
+        bins=t.bins,
+        reward_scale=t.reward_scale,
+    )
+
+
+def run_recipe(recipe: WorkerRecipe) -> dict[str, float]:
+    """``setup -> train -> export -> cleanup`` with the time of each phase logged by rank 0."""
+    t0 = time.perf_counter()
+    recipe.setup()
+    phases = {"setup": time.perf_counter() - t0}
+    try:
+        t = time.perf_counter()
+        last = recipe.train()
+        phases["train"] = time.perf_counter() - t
+        if recipe.cfg.train.export:
+            t = time.perf_counter()
+            recipe.export()
+            phases["export"] = time.perf_counter() - t
+    finally:
+        recipe.cleanup()
+    if recipe.rank == 0:
+        logger.info("worker phases: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    return last
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function: ``loop_config = {"inputs": RecipeInputs, "progress_sink": actor}``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx = RayTrainContext(progress_sink=loop_config.get("progress_sink"))
+    run_recipe(WorkerRecipe(loop_config["inputs"], ctx))
