@@ -1,6 +1,6 @@
 """Reference-model strategies for reference-based preference losses (Diffusion-DPO, Diffusion-KTO).
 
-``reference.strategy`` (see :class:`prefopt_core.config.ReferenceSection`):
+``reference.strategy`` (:data:`ReferenceStrategy`; which losses need which strategies: :func:`check_strategy`):
 
 * ``frozen``: the reference is a frozen copy of the initial policy and never changes (Diffusion-DPO).
 * ``periodic``: Rethinking DPO's stable reference update (Kang et al. 2025, arXiv:2505.18736). Every
@@ -68,12 +68,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prefopt_core.config import ReferenceSection, ReferenceStrategy
 from prefopt_core.losses import LOSSES, get_loss
 from prefopt_core.metrics import divergence_metrics, error_divergence
 
 logger = logging.getLogger(__name__)
 
+ReferenceStrategy = Literal["frozen", "periodic", "precomputed", "none"]
 STRATEGIES: tuple[str, ...] = get_args(ReferenceStrategy)
 #: Strategies that hold a live reference model.
 LIVE_STRATEGIES: frozenset[str] = frozenset({"frozen", "periodic"})
@@ -88,6 +88,25 @@ ErrorsFn = Callable[[nn.Module, "Probe"], Tensor]
 SyncFn = Callable[[Tensor], Tensor]
 
 _STATE_FORMAT = 1
+
+
+def check_strategy(loss_name: str, strategy: str) -> None:
+    """``ValueError`` (one sentence) unless ``strategy`` suits loss ``loss_name``: losses that compare the policy
+    with a reference (``LossSpec.needs_reference``) need a strategy other than ``none``; reference-free ones
+    need ``none`` (a reference would cost memory and never be used)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown reference strategy {strategy!r}; valid strategies: {list(STRATEGIES)}")
+    if get_loss(loss_name).needs_reference and strategy == "none":
+        raise ValueError(
+            f"loss.name={loss_name} compares the policy with a reference model, so reference.strategy cannot "
+            f"be 'none'; use one of {[s for s in STRATEGIES if s != 'none']}."
+        )
+    if not get_loss(loss_name).needs_reference and strategy != "none":
+        raise ValueError(
+            f"loss.name={loss_name} is reference-free, so reference.strategy must be 'none' (got {strategy!r}): "
+            f"a reference would cost memory and never be used (reference-based losses: "
+            f"{sorted(n for n, s in LOSSES.items() if s.needs_reference)})."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ probe
@@ -395,21 +414,9 @@ class ReferenceManager:
         device: torch.device | str = "cpu",
         sync_fn: SyncFn | None = broadcast_from_rank0,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown reference strategy {strategy!r}; valid strategies: {list(STRATEGIES)}")
+        check_strategy(loss_name, strategy)
         if on_exceed not in ON_EXCEED:
             raise ValueError(f"unknown on_exceed {on_exceed!r}; valid options: {list(ON_EXCEED)}")
-        needs_reference = get_loss(loss_name).needs_reference
-        if needs_reference and strategy == "none":
-            raise ValueError(
-                f"loss {loss_name!r} compares the policy with a reference model: reference strategy 'none' is "
-                f"invalid; use one of {[s for s in STRATEGIES if s != 'none']}"
-            )
-        if not needs_reference and strategy != "none":
-            raise ValueError(
-                f"loss {loss_name!r} is reference-free: reference strategy must be 'none', got {strategy!r} "
-                f"(reference-based losses: {sorted(n for n, s in LOSSES.items() if s.needs_reference)})"
-            )
         if strategy in LIVE_STRATEGIES and reference is None:
             raise ValueError(
                 f"reference strategy {strategy!r} needs the reference module (e.g. adapter.load_denoiser())"
@@ -457,8 +464,9 @@ class ReferenceManager:
         self._started = False
 
     @classmethod
-    def from_config(cls, section: ReferenceSection, *, loss_name: str, **kwargs: Any) -> ReferenceManager:
-        """From the ``reference`` config section; ``kwargs`` are the non-config arguments of ``__init__``."""
+    def from_config(cls, section: Any, *, loss_name: str, **kwargs: Any) -> ReferenceManager:
+        """From the ``reference`` config section (:class:`prefopt_core.config.ReferenceSection`); ``kwargs``
+        are the non-config arguments of ``__init__``."""
         return cls(
             section.strategy,
             loss_name=loss_name,

@@ -96,21 +96,6 @@ def patch_deepspeed_for_cpu() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def timestep_config(cfg: RunConfig):
-    """The objective's ``TimestepConfig`` of a run config (sampling, logit-normal, gamma bins, lambda(t))."""
-    from prefopt_core.objective import TimestepConfig
-
-    t = cfg.timesteps
-    return TimestepConfig(
-        sampling=cfg.timestep_sampling,
-        logit_mean=t.logit_mean,
-        logit_std=t.logit_std,
-        gamma=t.gamma,
-        bins=t.bins,
-        reward_scale=t.reward_scale,
-    )
-
-
 def batch_from_table(table, columns: dict[str, list[int]]):
     """A cache batch (pyarrow) -> :class:`PreferenceBatch` with tensors of the manifest's shapes."""
     from pipelines.latent_cache import split_columns
@@ -200,7 +185,7 @@ class WorkerRecipe:
     def setup(self) -> None:
         import deepspeed
 
-        from prefopt_core.models.base import adapter_for
+        from prefopt_core.models.registry import adapter_for
         from prefopt_core.objective import PreferenceObjective
 
         cfg = self.cfg
@@ -232,13 +217,7 @@ class WorkerRecipe:
             lr_scheduler=scheduler,
             config=ds_config(cfg, self.world),
         )
-        self.objective = PreferenceObjective(
-            self.adapter,
-            loss_name=cfg.loss.name,
-            loss_params=_loss_params(cfg),
-            timesteps=timestep_config(cfg),
-            seed=cfg.run.seed,
-        )
+        self.objective = PreferenceObjective.from_config(self.adapter, cfg)
         self.columns = {k: list(v) for k, v in self.manifest["columns"].items()}
         self.refs = self._reference_manager(self.loop_config.get("probe"))
         self.reference = self.refs.reference
@@ -399,8 +378,8 @@ class WorkerRecipe:
                 self.engine.step()
                 for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                     sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
-                if "reward_margin" in out.out.per_sample:
-                    self.bins.update(out.t, out.out.per_sample["reward_margin"])
+                if "reward_margin" in out.loss_output.per_sample:
+                    self.bins.update(out.t, out.loss_output.per_sample["reward_margin"])
             self.state.step += 1
             self._maybe_inject_fault()
             ref_metrics = self.refs.on_optimizer_step(self.state.step, self.engine)  # every rank (collective)
@@ -549,20 +528,6 @@ class WorkerRecipe:
 
 def _torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
-def _loss_params(cfg: RunConfig) -> dict[str, Any]:
-    from prefopt_core.losses import get_loss
-
-    spec = get_loss(cfg.loss.name)
-    candidates = {
-        "beta": cfg.loss.resolved_beta(),
-        "convention": cfg.loss.convention,
-        "snr_value": cfg.loss.snr_value,
-        "desirable_weight": cfg.loss.desirable_weight,
-        "undesirable_weight": cfg.loss.undesirable_weight,
-    }
-    return {k: v for k, v in candidates.items() if k in spec.params}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -758,7 +723,7 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.latent_cache import check_cache_matches, model_fingerprint, read_manifest
-    from prefopt_core.models.base import adapter_for
+    from prefopt_core.models.registry import adapter_for
     from ray_jobs import tracking
     from ray_jobs.cluster import ensure_ray
 
