@@ -41,7 +41,10 @@ def test_unknown_literal_lists_valid_options():
         (["loss.name=mapo"], "reference-free"),
         (["loss.name=mapo", "reference.strategy=periodic"], "reference-free"),
         (["loss.name=dpo", "reference.strategy=none"], "cannot be 'none'"),
-        (["loss.name=sft", "reference.strategy=none", "loss.timestep_weight=inv_sqrt_snr"], "implicit reward"),
+        (
+            ["loss.name=sft", "reference.strategy=none", "loss.timestep_weight=inv_sqrt_snr"],
+            "implicit reward",
+        ),
         (["model.lora_rank=4", "reference.strategy=periodic"], "adapters disabled"),
         (["train.offload_param=true", "train.zero_stage=2"], "zero_stage=3"),
         (["train.fail_at_step=50", "train.max_steps=10"], "never fire"),

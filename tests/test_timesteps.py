@@ -173,8 +173,15 @@ def test_timestep_weight_gathers_table() -> None:
 
 def test_timestep_config_from_mapping_reads_its_fields_only() -> None:
     """A cache's precompute settings hold the TimestepConfig fields plus other keys (epochs, reference)."""
-    settings = {"epochs": 2, "sampling": "gamma", "logit_mean": 0.5, "logit_std": 2.0, "gamma": 0.8,
-                "bins": 10, "reference": None}
+    settings = {
+        "epochs": 2,
+        "sampling": "gamma",
+        "logit_mean": 0.5,
+        "logit_std": 2.0,
+        "gamma": 0.8,
+        "bins": 10,
+        "reference": None,
+    }
     assert TimestepConfig.from_mapping(settings) == TimestepConfig("gamma", 0.5, 2.0, 0.8, 10)
     with pytest.raises(KeyError, match="bins"):
         TimestepConfig.from_mapping({k: v for k, v in settings.items() if k != "bins"})
