@@ -243,7 +243,9 @@ class WorkerRecipe:
         import deepspeed
 
         from prefopt_core.models.base import per_sample_mse
-        from prefopt_core.reference import ReferenceManager, build_probe, zero3_copy
+        from prefopt_core.probe import build_probe
+        from prefopt_core.reference import ReferenceManager
+        from prefopt_core.weights import zero3_copy
 
         cfg, adapter = self.cfg, self.adapter
         reference = None

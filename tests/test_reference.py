@@ -19,16 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from prefopt_core.reference import (
-    Probe,
-    ReferenceManager,
-    build_probe,
-    full_state_dict,
-    load_full_state_dict,
-    probe_errors,
-    unwrap,
-    zero3_copy,
-)
+from prefopt_core.probe import Probe, build_probe, probe_errors
+from prefopt_core.reference import ReferenceManager
+from prefopt_core.weights import full_state_dict, load_full_state_dict, unwrap, zero3_copy
 
 T = 1000
 
