@@ -445,14 +445,6 @@ def _settle_process(threads: int) -> None:
     (torch.ones(64, 64) @ torch.ones(64, 64)).sum()
 
 
-def _loss_params(cfg, loss: str) -> dict[str, Any]:
-    """The loss parameters of ``loss`` (the config's beta, or the loss's default beta)."""
-    from prefopt_core.losses import DEFAULT_BETA
-
-    beta = cfg.loss.beta if cfg.loss.name == loss and cfg.loss.beta is not None else DEFAULT_BETA[loss]
-    return {"beta": beta, "snr_value": cfg.loss.snr_value}
-
-
 def cached_batches(cache_dir: str | Path, batch_size: int) -> Iterator[tuple[int, Any]]:
     """``(epoch, PreferenceBatch)`` from a latent cache, endlessly (the arrow -> tensor decode is per step)."""
     import pyarrow as pa
@@ -528,9 +520,9 @@ STEP_ARMS = {
 def _policy_reference_objective(cfg, base: str, loss: str, with_reference: bool):
     import torch
 
-    from prefopt_core.models.base import TORCH_DTYPES, adapter_for
+    from prefopt_core.models.base import TORCH_DTYPES
+    from prefopt_core.models.registry import adapter_for
     from prefopt_core.objective import PreferenceObjective
-    from ray_jobs.training.recipe import _timestep_config as timestep_config
 
     adapter = adapter_for(cfg.model, base)
     policy = adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32).train()
@@ -538,13 +530,9 @@ def _policy_reference_objective(cfg, base: str, loss: str, with_reference: bool)
     if with_reference:
         reference = adapter.load_denoiser(cfg.model.init_denoiser, dtype=TORCH_DTYPES[cfg.model.dtype])
         reference.requires_grad_(False).eval()
-    objective = PreferenceObjective(
-        adapter,
-        loss_name=loss,
-        loss_params=_loss_params(cfg, loss),
-        timesteps=timestep_config(cfg),
-        seed=cfg.run.seed,
-    )
+    if loss != cfg.loss.name:  # another loss on the same run: its own default beta
+        cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"name": loss, "beta": None})})
+    objective = PreferenceObjective.from_config(adapter, cfg)
     return adapter, policy, reference, objective
 
 
@@ -773,7 +761,8 @@ def transformer_dpo_case(job: dict[str, Any]) -> dict[str, Any]:
     from diffusers import SD3Transformer2DModel
 
     from prefopt_core.models.sd3 import SD3Adapter
-    from prefopt_core.objective import PreferenceBatch, PreferenceObjective, TimestepConfig
+    from prefopt_core.objective import PreferenceBatch, PreferenceObjective
+    from prefopt_core.timesteps import TimestepConfig
 
     device, dtype = torch.device(job["device"]), getattr(torch, job["dtype"])
     if device.type == "cpu":

@@ -240,7 +240,7 @@ class LatentEncoder:
     def __init__(
         self, settings: dict, base_model_dir: str, out_dir: str, fail_after_batches: int | None = None
     ) -> None:
-        from prefopt_core.models.base import adapter_for
+        from prefopt_core.models.registry import adapter_for
 
         self.out_dir = out_dir
         self.fail_after_batches = fail_after_batches  # fault injection for resume tests
@@ -257,19 +257,14 @@ class LatentEncoder:
     def _setup_reference(self, s: CacheSettings, device: str) -> None:
         """Load the frozen reference once; its errors are computed for every (pair, epoch) at encode time."""
         from prefopt_core.models.base import TORCH_DTYPES
-        from prefopt_core.objective import PreferenceObjective, TimestepConfig
+        from prefopt_core.objective import PreferenceObjective
+        from prefopt_core.timesteps import TimestepConfig
 
         p = s.precompute
         self.epochs = int(p["epochs"])
         self.reference = self.adapter.load_denoiser(p.get("reference"), dtype=TORCH_DTYPES[s.dtype])
         self.reference.requires_grad_(False).eval().to(device)
-        timesteps = TimestepConfig(
-            sampling=p["sampling"],
-            logit_mean=p["logit_mean"],
-            logit_std=p["logit_std"],
-            gamma=p["gamma"],
-            bins=p["bins"],
-        )
+        timesteps = TimestepConfig.from_mapping(p)
         self.objective = PreferenceObjective(
             self.adapter, loss_name="dpo", loss_params={}, timesteps=timesteps, seed=s.seed
         )
@@ -469,7 +464,7 @@ def build_cache(
     """Build (or finish) the cache; returns the manifest dict. Ray must already be initialised."""
     import ray
 
-    from prefopt_core.models.base import adapter_for
+    from prefopt_core.models.registry import adapter_for
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

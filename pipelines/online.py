@@ -396,7 +396,8 @@ class OnlineSampler:
 
     def __init__(self, settings: dict[str, Any], cache_dir: str) -> None:
         from pipelines.rewards import build_scorer
-        from prefopt_core.models.base import TORCH_DTYPES, adapter_for
+        from prefopt_core.models.base import TORCH_DTYPES
+        from prefopt_core.models.registry import adapter_for
 
         self.settings = OnlineSettings(**settings)
         self.cache_dir = Path(cache_dir)
@@ -621,7 +622,7 @@ def generate_online_cache(
     """
     import ray
 
-    from prefopt_core.models.base import adapter_for
+    from prefopt_core.models.registry import adapter_for
 
     if not prompts:
         raise ValueError("no prompts to sample from")

@@ -491,7 +491,8 @@ class PairGenerator:
     def __init__(self, settings: dict, output_dir: str) -> None:
         import torch
 
-        from prefopt_core.models.base import TORCH_DTYPES, get_adapter
+        from prefopt_core.models.base import TORCH_DTYPES
+        from prefopt_core.models.registry import get_adapter
 
         self.settings = RegenerateSettings(**settings)
         self.output_dir = output_dir

@@ -17,19 +17,23 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-LossName = Literal["dpo", "mapo", "sft", "kto"]
-ReferenceStrategy = Literal["frozen", "periodic", "precomputed", "none"]
-TimestepSampling = Literal["uniform", "logit_normal", "gamma"]
-Family = Literal["sd3", "sdxl", "sd15"]
+from prefopt_core.config_keys import ConfigError, RenamedKey, apply_overrides, check_renamed
+from prefopt_core.config_keys import flatten as flatten
+from prefopt_core.losses import DEFAULT_BETA, DEFAULT_DPO_CONVENTION, DpoConvention, LossName, get_loss
+from prefopt_core.losses import resolved_beta as _resolved_beta
+from prefopt_core.models.base import Family
+from prefopt_core.reference import OnExceed, ReferenceStrategy, check_strategy
+from prefopt_core.timesteps import Sampling, TimestepConfig, TimestepWeight
 
-#: Losses that compare the policy with a reference model.
-REFERENCE_LOSSES = frozenset({"dpo", "kto"})
 #: ``model.pretrained`` value that trains the toy testbed's base model (``benchmarks.toy_style.base``).
 TOY_BASE = "toy-base"
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says which key and why."""
+#: Every renamed key (dotted); :func:`config_from_dict` refuses the old names.
+RENAMED_KEYS: tuple[RenamedKey, ...] = (
+    RenamedKey(
+        "timesteps.reward_scale", "loss.timestep_weight", "true is now inv_sqrt_snr, false is now none"
+    ),
+)
 
 
 class _Section(BaseModel):
@@ -63,7 +67,7 @@ class ModelSection(_Section):
         "tiny",
         description="diffusers pipeline directory or hub id; 'tiny' / 'tiny:toy' build an offline tiny "
         "random pipeline under <workdir>/base_model; 'toy-base' trains the toy testbed's base there (SD3, "
-        "~5 min on 2 cores, reused once built; needs model.max_sequence_length=16).",
+        "minutes on a CPU, reused once built; needs model.max_sequence_length=16).",
     )
     resolution: int = Field(32, ge=8, description="Training resolution in pixels (square).")
     dtype: Literal["fp32", "bf16"] = Field(
@@ -124,20 +128,28 @@ class CacheSection(_Section):
 class LossSection(_Section):
     name: LossName = "dpo"
     beta: float | None = Field(
-        None, gt=0, description="Default per loss: dpo 5000 (official convention), mapo 0.1, kto 5000."
+        None,
+        gt=0,
+        description="Default per loss (prefopt_core.losses.DEFAULT_BETA): "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_BETA.items() if k != "sft")
+        + " (dpo in the official convention).",
     )
-    convention: Literal["official", "diffusers"] = Field(
-        "official",
+    convention: DpoConvention = Field(
+        DEFAULT_DPO_CONVENTION,
         description="DPO β convention: diffusers' script drops the 0.5 (its 2500 == official 5000).",
     )
     snr_value: float = Field(0.5, gt=0, description="MaPO c in s(x) = c·x / (exp(c·x) − 1).")
     desirable_weight: float = Field(1.0, ge=0)
     undesirable_weight: float = Field(1.0, ge=0)
+    timestep_weight: TimestepWeight = Field(
+        "none",
+        description="λ(t) scaling the implicit reward of dpo/kto: none, or inv_sqrt_snr = 1 + minmax(1/√SNR(t)) "
+        "(Rethinking DPO).",
+    )
 
     def resolved_beta(self) -> float:
-        if self.beta is not None:
-            return self.beta
-        return {"dpo": 5000.0, "mapo": 0.1, "kto": 5000.0, "sft": 0.0}[self.name]
+        """``beta``, or the loss's default (:data:`prefopt_core.losses.DEFAULT_BETA`)."""
+        return _resolved_beta(self.name, self.beta)
 
 
 class ReferenceSection(_Section):
@@ -146,7 +158,7 @@ class ReferenceSection(_Section):
     delta: float = Field(
         math.inf, ge=0, description="periodic: stop updating once D(policy‖init) exceeds delta."
     )
-    on_exceed: Literal["freeze", "reinit"] = "freeze"
+    on_exceed: OnExceed = "freeze"
     probe_size: int = Field(8, ge=1, description="Preferred latents in the divergence probe set.")
     precompute_epochs: int = Field(
         1,
@@ -156,14 +168,13 @@ class ReferenceSection(_Section):
 
 
 class TimestepsSection(_Section):
-    sampling: TimestepSampling | None = Field(
+    sampling: Sampling | None = Field(
         None, description="Default: logit_normal for sd3, uniform for sdxl/sd15."
     )
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     gamma: float = Field(0.9, gt=0, le=1.0)
     bins: int = Field(50, ge=1)
-    reward_scale: bool = Field(False, description="Scale the DPO reward by λ(t) = 1 + minmax(1/√SNR(t)).")
 
 
 class TrainSection(_Section):
@@ -302,20 +313,8 @@ class RunConfig(_Section):
                 f"set model.family=sd3 and model.max_sequence_length=16 (got {self.model.family}, "
                 f"{self.model.max_sequence_length})."
             )
-        if loss in REFERENCE_LOSSES and ref == "none":
-            raise ValueError(
-                f"loss.name={loss} compares the policy with a reference model, so reference.strategy "
-                "cannot be 'none'; use frozen, periodic or precomputed."
-            )
-        if loss not in REFERENCE_LOSSES and ref != "none":
-            raise ValueError(
-                f"loss.name={loss} is reference-free, so reference.strategy must be 'none' "
-                f"(got {ref!r}): a {ref} reference would cost memory and never be used."
-            )
-        if self.timesteps.reward_scale and loss not in REFERENCE_LOSSES:
-            raise ValueError(
-                f"timesteps.reward_scale scales the implicit reward of dpo/kto; loss.name={loss} has none."
-            )
+        check_strategy(loss, ref)
+        get_loss(loss).check_timestep_weight(self.loss.timestep_weight)
         if ref == "precomputed" and self.model.lora_rank > 0:
             raise ValueError(
                 "reference.strategy=precomputed with LoRA is pointless: the LoRA reference is free."
@@ -377,38 +376,24 @@ class RunConfig(_Section):
         return f"sqlite:///{self.workdir / 'mlflow.db'}"
 
     @property
-    def timestep_sampling(self) -> TimestepSampling:
+    def timestep_sampling(self) -> Sampling:
         if self.timesteps.sampling is not None:
             return self.timesteps.sampling
         return "logit_normal" if self.model.family == "sd3" else "uniform"
 
+    def timestep_config(self) -> TimestepConfig:
+        """How this run draws training timesteps (the one place a :class:`TimestepConfig` is made from a config)."""
+        t = self.timesteps
+        return TimestepConfig(
+            sampling=self.timestep_sampling,
+            logit_mean=t.logit_mean,
+            logit_std=t.logit_std,
+            gamma=t.gamma,
+            bins=t.bins,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.max_steps=5"`` -> ``(["train", "max_steps"], 5)``; values are parsed as YAML scalars."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
-    key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override {text!r} has an empty key")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to a nested dict (in place) and return it."""
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = data
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -439,6 +424,7 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    check_renamed(data, RENAMED_KEYS)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -488,15 +474,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     apply_overrides(data, list(overrides or []))
     return resolve_paths(config_from_dict(data))
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params and config diffs)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

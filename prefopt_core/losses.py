@@ -9,8 +9,9 @@ Conventions shared by all losses:
 
 * ``err_*`` are policy errors (carry gradients); ``ref_err_*`` are reference errors and are detached here,
   so a reference can never be trained by accident.
-* ``reward_scale`` is the per-pair timestep weight ``lambda(t)`` of shape ``(B,)`` (see
-  :mod:`prefopt_core.timesteps`); ``None`` means 1. Losses that have no implicit reward (MaPO, SFT) ignore it.
+* ``timestep_weight`` is the per-pair weight ``lambda(t)`` of the implicit reward, shape ``(B,)`` (see
+  :func:`prefopt_core.timesteps.timestep_weight_table`); ``None`` means 1. Losses that have no implicit reward
+  (MaPO, SFT) ignore it.
 * ``implicit_acc`` counts a tie (zero margin) as *wrong*, as the official Diffusion-DPO code does with
   ``inside_term > 0``; diffusers' research script counts a tie as 1/2. At step 0, with policy == reference,
   every DPO margin is exactly 0 so ``implicit_acc`` starts at 0, not 0.5.
@@ -18,9 +19,10 @@ Conventions shared by all losses:
 
 Usage::
 
-    from prefopt_core.losses import compute_loss
+    from prefopt_core.losses import compute_loss, loss_kwargs
 
-    out = compute_loss("dpo", err_w, err_l, ref_err_w, ref_err_l, beta=5000.0)
+    params = loss_kwargs(cfg.loss, adapter.schedule)          # e.g. {"beta": 5000.0, "convention": "official"}
+    out = compute_loss("dpo", err_w, err_l, ref_err_w, ref_err_l, **params)
     out.losses.mean().backward()
     log({"loss": out.losses.mean(), **out.metrics})
 """
@@ -30,16 +32,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from prefopt_core.timesteps import NoiseSchedule
+
 logger = logging.getLogger(__name__)
+
+LossName = Literal["dpo", "mapo", "sft", "kto"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 
 DpoConvention = Literal["official", "diffusers"]
 DPO_CONVENTIONS: tuple[str, ...] = get_args(DpoConvention)
+DEFAULT_DPO_CONVENTION: DpoConvention = "official"
 
 # Factor in front of beta in the DPO logit: the official code has -0.5 * beta, diffusers' script -beta.
 _DPO_BETA_FACTOR: dict[str, float] = {"official": 0.5, "diffusers": 1.0}
@@ -47,12 +56,15 @@ _DPO_BETA_FACTOR: dict[str, float] = {"official": 0.5, "diffusers": 1.0}
 # Below this |c * e| the MaPO score uses its Taylor series (the closed form is 0/0 at 0).
 _MAPO_TAYLOR_BELOW = 1e-3
 
+#: The beta a run uses when ``loss.beta`` is not set, per loss, each from its paper's official code:
 DEFAULT_BETA: dict[str, float] = {
-    # Official Diffusion-DPO SDXL/SD1.5 launchers (official convention; == 2500 in the diffusers convention).
+    # SalesforceAIResearch/DiffusionDPO SDXL/SD1.5 launchers, --beta_dpo 5000 (official convention, 0.5 factor;
+    # == 2500 in the diffusers convention).
     "dpo": 5000.0,
-    # Official mapo-t2i `--beta_mapo` default.
+    # mapo-t2i/mapo train.py, --beta_mapo default 0.1.
     "mapo": 0.1,
-    # Official Diffusion-KTO `--beta_dpo` default (multiplies the log-ratio with no 0.5 factor).
+    # jacklishufan/diffusion-kto train_kto_sd_v1.5.py, --beta_dpo default 1000; its published launcher
+    # (exps/example.sh) does not override it. It multiplies the log-likelihood gain with no 0.5 factor.
     "kto": 1000.0,
     # Chosen-only baseline: no preference term.
     "sft": 0.0,
@@ -84,12 +96,12 @@ def _check_errors(**tensors: Tensor | None) -> None:
         raise ValueError(f"per-sample errors must share one shape (B,), got {shapes}")
 
 
-def _scale(reward_scale: Tensor | None, like: Tensor) -> Tensor | float:
+def _weight(timestep_weight: Tensor | None, like: Tensor) -> Tensor | float:
     """``lambda(t)`` as a ``(B,)`` tensor on ``like``'s device and dtype, or the float 1.0 when absent."""
-    if reward_scale is None:
+    if timestep_weight is None:
         return 1.0
-    _check_errors(err=like, reward_scale=reward_scale)
-    return reward_scale.detach().to(device=like.device, dtype=like.dtype)
+    _check_errors(err=like, timestep_weight=timestep_weight)
+    return timestep_weight.detach().to(device=like.device, dtype=like.dtype)
 
 
 def _mean(x: Tensor) -> Tensor:
@@ -103,8 +115,8 @@ def diffusion_dpo(
     ref_err_l: Tensor,
     *,
     beta: float,
-    reward_scale: Tensor | None = None,
-    convention: DpoConvention = "official",
+    timestep_weight: Tensor | None = None,
+    convention: DpoConvention = DEFAULT_DPO_CONVENTION,
 ) -> LossOutput:
     """Diffusion-DPO loss, per pair.
 
@@ -121,7 +133,7 @@ def diffusion_dpo(
     (``-logsigmoid(beta_dpo * (ref_diff - model_diff))``, default 2500), so diffusers' beta 2500 equals
     official beta 5000 exactly.
 
-    Shapes: all errors and ``reward_scale`` are ``(B,)``; returns ``losses`` ``(B,)``.
+    Shapes: all errors and ``timestep_weight`` are ``(B,)``; returns ``losses`` ``(B,)``.
     Metrics: ``implicit_acc`` = mean(inside > 0) (ties count as wrong, as in the official code),
     ``reward_margin`` = mean(inside), ``dpo/model_diff`` = mean(e_w - e_l), ``dpo/ref_diff`` =
     mean(e_ref_w - e_ref_l).
@@ -130,7 +142,7 @@ def diffusion_dpo(
     if convention not in _DPO_BETA_FACTOR:
         raise ValueError(f"unknown DPO convention {convention!r}; valid options: {list(DPO_CONVENTIONS)}")
     _check_errors(err_w=err_w, err_l=err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
-    lam = _scale(reward_scale, err_w)
+    lam = _weight(timestep_weight, err_w)
     model_diff = err_w - err_l  # (B,)
     ref_diff = ref_err_w.detach() - ref_err_l.detach()  # (B,)
     # One Python float so that official(beta) and diffusers(beta / 2) give bit-identical results.
@@ -234,7 +246,7 @@ def kto(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
-    reward_scale: Tensor | None = None,
+    timestep_weight: Tensor | None = None,
 ) -> LossOutput:
     """Diffusion-KTO loss on a batch of pairs, per pair.
 
@@ -259,16 +271,16 @@ def kto(
     * The official code trains on unpaired samples; here the desirable/undesirable halves come from pairs.
     * The official code averages ``z0`` over all processes (``accelerator.reduce``); here ``z0`` is the
       mean over the local batch only.
-    * ``lambda`` (``reward_scale``) does not exist in the official code; it scales ``g`` before ``z0`` is
+    * ``lambda`` (``timestep_weight``) does not exist in the official code; it scales ``g`` before ``z0`` is
       taken, so ``lambda = 1`` reproduces the official loss.
 
-    Shapes: all errors and ``reward_scale`` ``(B,)``; returns ``losses`` ``(B,)``.
+    Shapes: all errors and ``timestep_weight`` ``(B,)``; returns ``losses`` ``(B,)``.
     Metrics: ``implicit_acc`` = mean(r_w > r_l) over pairs (comparable with DPO), ``reward_margin`` =
     mean(r_w - r_l), ``kto/acc`` = the official per-sample accuracy (share of samples on the right side of
     ``z0``), ``kto/kl`` = z0, ``kto/reward_w``, ``kto/reward_l``.
     """
     _check_errors(err_w=err_w, err_l=err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
-    lam = _scale(reward_scale, err_w)
+    lam = _weight(timestep_weight, err_w)
     g_w = lam * (ref_err_w.detach() - err_w)  # (Eq. K1)  (B,)
     g_l = lam * (ref_err_l.detach() - err_l)  # (Eq. K1)  (B,)
     z0 = torch.cat([g_w, g_l]).mean().clamp(min=0).detach()  # (Eq. K2)  scalar
@@ -295,15 +307,27 @@ def kto(
 class LossSpec:
     """A registered loss: its function and what it needs from the trainer.
 
-    ``params`` lists the keyword parameters (besides ``reward_scale``) the function accepts.
+    ``params``: the keyword parameters (besides ``timestep_weight``) the function accepts.
+    ``needs_reference``: compares the policy with reference errors (the one owner of that fact; the config
+    and the reference strategies ask :func:`get_loss`).
+    ``uses_timestep_weight``: has an implicit reward that ``lambda(t)`` can scale.
     """
 
     name: str
     fn: Callable[..., LossOutput]
     needs_reference: bool
     uses_rejected: bool
-    uses_reward_scale: bool
+    uses_timestep_weight: bool
     params: frozenset[str]
+
+    def check_timestep_weight(self, weight: str) -> None:
+        """``ValueError`` when a timestep weight other than ``"none"`` is asked of a loss without an implicit reward."""
+        if weight != "none" and not self.uses_timestep_weight:
+            users = sorted(n for n, s in LOSSES.items() if s.uses_timestep_weight)
+            raise ValueError(
+                f"loss.timestep_weight={weight} scales the implicit reward of {'/'.join(users)}; "
+                f"loss.name={self.name} has none, so use loss.timestep_weight=none."
+            )
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -312,7 +336,7 @@ LOSSES: dict[str, LossSpec] = {
         fn=diffusion_dpo,
         needs_reference=True,
         uses_rejected=True,
-        uses_reward_scale=True,
+        uses_timestep_weight=True,
         params=frozenset({"beta", "convention"}),
     ),
     "mapo": LossSpec(
@@ -320,7 +344,7 @@ LOSSES: dict[str, LossSpec] = {
         fn=mapo,
         needs_reference=False,
         uses_rejected=True,
-        uses_reward_scale=False,
+        uses_timestep_weight=False,
         params=frozenset({"beta", "snr_value", "num_train_timesteps"}),
     ),
     "sft": LossSpec(
@@ -328,7 +352,7 @@ LOSSES: dict[str, LossSpec] = {
         fn=sft,
         needs_reference=False,
         uses_rejected=False,
-        uses_reward_scale=False,
+        uses_timestep_weight=False,
         params=frozenset(),
     ),
     "kto": LossSpec(
@@ -336,12 +360,10 @@ LOSSES: dict[str, LossSpec] = {
         fn=kto,
         needs_reference=True,
         uses_rejected=True,
-        uses_reward_scale=True,
+        uses_timestep_weight=True,
         params=frozenset({"beta", "desirable_weight", "undesirable_weight"}),
     ),
 }
-
-_ALL_PARAMS: frozenset[str] = frozenset().union(*(spec.params for spec in LOSSES.values()))
 
 
 def get_loss(name: str) -> LossSpec:
@@ -352,6 +374,32 @@ def get_loss(name: str) -> LossSpec:
         raise ValueError(f"unknown loss {name!r}; valid losses: {sorted(LOSSES)}") from None
 
 
+def resolved_beta(name: str, beta: float | None) -> float:
+    """``beta`` if set, else the loss's :data:`DEFAULT_BETA`."""
+    get_loss(name)
+    return DEFAULT_BETA[name] if beta is None else float(beta)
+
+
+def loss_kwargs(section: Any, schedule: NoiseSchedule) -> dict[str, Any]:
+    """The keyword arguments of loss ``section.name``'s function, from a loss config and the model's schedule.
+
+    ``section`` is a :class:`prefopt_core.config.LossSection` (or any object with its fields). Only the
+    parameters the loss accepts are returned: ``beta`` resolved by :func:`resolved_beta`,
+    ``num_train_timesteps`` (MaPO's ``T``) from ``schedule``, every other one read from the section under its
+    own name. E.g. a default dpo section -> ``{"beta": 5000.0, "convention": "official"}``.
+    """
+    spec = get_loss(section.name)
+    out: dict[str, Any] = {}
+    for param in sorted(spec.params):
+        if param == "beta":
+            out[param] = resolved_beta(spec.name, section.beta)
+        elif param == "num_train_timesteps":
+            out[param] = schedule.num_train_timesteps
+        else:
+            out[param] = getattr(section, param)
+    return out
+
+
 def compute_loss(
     name: str,
     err_w: Tensor,
@@ -359,24 +407,24 @@ def compute_loss(
     ref_err_w: Tensor | None = None,
     ref_err_l: Tensor | None = None,
     *,
-    reward_scale: Tensor | None = None,
+    timestep_weight: Tensor | None = None,
     **params: object,
 ) -> LossOutput:
     """Dispatch to the loss ``name`` with one signature for all losses.
 
-    ``params`` is the loss config: any of ``beta``, ``convention``, ``snr_value``, ``num_train_timesteps``,
-    ``desirable_weight``, ``undesirable_weight``. A parameter that belongs to another loss is ignored and a
-    parameter set to ``None`` falls back to the function's default (``beta=None`` to ``DEFAULT_BETA``), so
-    the trainer can pass the whole loss config; a parameter no loss knows raises ``ValueError``.
-    ``reward_scale`` is ignored by losses without an implicit reward (``mapo``, ``sft``). Reference-based
-    losses (``dpo``, ``kto``) raise ``ValueError`` without ``ref_err_w``/``ref_err_l``; losses that use the
-    rejected sample raise without ``err_l``.
+    ``params`` are the loss's own parameters (:func:`loss_kwargs` makes them from a config); one the loss
+    does not accept raises ``ValueError`` listing those it does; a missing ``beta`` is :data:`DEFAULT_BETA`.
+    ``timestep_weight`` ``(B,)`` is ignored by losses without an implicit reward (``mapo``, ``sft``).
+    Reference-based losses (``dpo``, ``kto``) raise ``ValueError`` without ``ref_err_w``/``ref_err_l``;
+    losses that use the rejected sample raise without ``err_l``.
     """
     spec = get_loss(name)
-    unknown = sorted(set(params) - _ALL_PARAMS)
+    unknown = sorted(set(params) - spec.params)
     if unknown:
-        raise ValueError(f"unknown loss parameter(s) {unknown}; valid parameters: {sorted(_ALL_PARAMS)}")
-    kwargs = {k: v for k, v in params.items() if k in spec.params and v is not None}
+        raise ValueError(
+            f"loss {name!r} does not take parameter(s) {unknown}; its parameters: {sorted(spec.params)}"
+        )
+    kwargs = dict(params)
     if "beta" in spec.params and "beta" not in kwargs:
         kwargs["beta"] = DEFAULT_BETA[name]
     if spec.uses_rejected and err_l is None:
@@ -386,10 +434,10 @@ def compute_loss(
             f"loss {name!r} needs reference errors ref_err_w and ref_err_l; "
             f"reference-free losses: {sorted(n for n, s in LOSSES.items() if not s.needs_reference)}"
         )
-    if spec.uses_reward_scale:
-        kwargs["reward_scale"] = reward_scale
-    elif reward_scale is not None:
-        logger.debug("loss %r ignores reward_scale", name)
+    if spec.uses_timestep_weight:
+        kwargs["timestep_weight"] = timestep_weight
+    elif timestep_weight is not None:
+        logger.debug("loss %r ignores timestep_weight", name)
     if not spec.uses_rejected:
         return spec.fn(err_w, **kwargs)
     if not spec.needs_reference:

@@ -13,13 +13,23 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from prefopt_core.losses import LossOutput, compute_loss, get_loss
+from prefopt_core.losses import LossOutput, compute_loss, get_loss, loss_kwargs
 from prefopt_core.models.base import ModelAdapter, per_sample_mse
-from prefopt_core.timesteps import reward_scale, reward_scale_table, sample_timesteps
+from prefopt_core.timesteps import (
+    TimestepConfig,
+    TimestepWeight,
+    sample_timesteps,
+    timestep_weight,
+    timestep_weight_table,
+)
+
+if TYPE_CHECKING:
+    from prefopt_core.config import RunConfig
 
 
 @dataclass
@@ -52,18 +62,6 @@ class PreferenceBatch:
             ref_err_w=None if self.ref_err_w is None else self.ref_err_w.to(device),
             ref_err_l=None if self.ref_err_l is None else self.ref_err_l.to(device),
         )
-
-
-@dataclass(frozen=True)
-class TimestepConfig:
-    """How training timesteps are drawn and whether the reward is scaled by λ(t)."""
-
-    sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    gamma: float = 0.9
-    bins: int = 50
-    reward_scale: bool = False
 
 
 def pair_seed(seed: int, pair_key: int, epoch: int) -> int:
@@ -134,22 +132,28 @@ def precomputed_errors(batch: PreferenceBatch, epoch: int) -> tuple[Tensor, Tens
 @dataclass
 class StepOutput:
     loss: Tensor  # scalar, differentiable
-    out: LossOutput
+    loss_output: LossOutput  # the loss function's output (per-pair losses, metrics, per_sample values)
     t: Tensor  # (B,)
     metrics: dict[str, Tensor]  # detached scalars for logging
 
 
 class PreferenceObjective:
-    """Computes the preference loss of a batch for any family, loss and reference strategy."""
+    """Computes the preference loss of a batch for any family, loss and reference strategy.
+
+    ``loss_params``: the loss function's keyword arguments (:func:`prefopt_core.losses.loss_kwargs`);
+    ``timestep_weight``: the name of the ``lambda(t)`` that scales the implicit reward ("none": no scaling;
+    losses without an implicit reward ignore it, see :func:`prefopt_core.losses.compute_loss`).
+    """
 
     def __init__(
         self,
         adapter: ModelAdapter,
         *,
         loss_name: str,
-        loss_params: dict,
+        loss_params: dict[str, Any],
         timesteps: TimestepConfig,
         seed: int,
+        timestep_weight: TimestepWeight = "none",
     ) -> None:
         self.adapter = adapter
         self.spec = get_loss(loss_name)
@@ -157,7 +161,22 @@ class PreferenceObjective:
         self.timesteps = timesteps
         self.seed = seed
         self.T = adapter.schedule.num_train_timesteps
-        self.lambda_table = reward_scale_table(adapter.schedule) if timesteps.reward_scale else None
+        self.lambda_table = (
+            None if timestep_weight == "none" else timestep_weight_table(adapter.schedule, timestep_weight)
+        )
+
+    @classmethod
+    def from_config(cls, adapter: ModelAdapter, cfg: RunConfig) -> PreferenceObjective:
+        """The objective of a run config: its loss (parameters via ``loss_kwargs`` and the adapter's
+        schedule), timestep sampling, timestep weight and seed."""
+        return cls(
+            adapter,
+            loss_name=cfg.loss.name,
+            loss_params=loss_kwargs(cfg.loss, adapter.schedule),
+            timesteps=cfg.timestep_config(),
+            seed=cfg.run.seed,
+            timestep_weight=cfg.loss.timestep_weight,
+        )
 
     def draw(self, batch: PreferenceBatch, epoch: int) -> tuple[Tensor, Tensor]:
         noise, t = draw_noise_and_timesteps(
@@ -194,14 +213,14 @@ class PreferenceObjective:
                 raise ValueError(
                     f"loss {self.spec.name!r} needs a reference model or precomputed reference errors"
                 )
-        scale = None
-        if self.lambda_table is not None:
-            scale = reward_scale(t, self.lambda_table.to(t.device))
-        out = compute_loss(self.spec.name, err_w, err_l, ref_w, ref_l, reward_scale=scale, **self.loss_params)
+        weight = None if self.lambda_table is None else timestep_weight(t, self.lambda_table)
+        out = compute_loss(
+            self.spec.name, err_w, err_l, ref_w, ref_l, timestep_weight=weight, **self.loss_params
+        )
         metrics = {k: v.detach() for k, v in out.metrics.items()}
         metrics["mse/policy_w"] = err_w.detach().mean()
         metrics["mse/policy_l"] = err_l.detach().mean()
         if ref_w is not None:
             metrics["mse/ref_w"] = ref_w.detach().mean()
             metrics["mse/ref_l"] = ref_l.detach().mean()
-        return StepOutput(loss=out.losses.mean(), out=out, t=t, metrics=metrics)
+        return StepOutput(loss=out.losses.mean(), loss_output=out, t=t, metrics=metrics)

@@ -1,6 +1,6 @@
 """Reference-model strategies for reference-based preference losses (Diffusion-DPO, Diffusion-KTO).
 
-``reference.strategy`` (see :class:`prefopt_core.config.ReferenceSection`):
+``reference.strategy`` (:data:`ReferenceStrategy`; which losses need which strategies: :func:`check_strategy`):
 
 * ``frozen``: the reference is a frozen copy of the initial policy and never changes (Diffusion-DPO).
 * ``periodic``: Rethinking DPO's stable reference update (Kang et al. 2025, arXiv:2505.18736). Every
@@ -46,7 +46,7 @@ decision even if forward passes differ in the last bit.
 
 Usage::
 
-    probe = build_probe(latents_w, cond, size=8, num_train_timesteps=1000, seed=0)
+    probe = build_probe(latents_w, cond, size=8, num_train_timesteps=1000, seed=0)   # prefopt_core.probe
     manager = ReferenceManager("periodic", loss_name="dpo", reference=ref, probe=probe, errors_fn=fn,
                                tau=32, delta=0.05, on_exceed="freeze", device=device)
     manager.initialize(policy)                          # or manager.load_state_dict(saved) on resume
@@ -57,23 +57,23 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prefopt_core.config import ReferenceSection, ReferenceStrategy
 from prefopt_core.losses import LOSSES, get_loss
 from prefopt_core.metrics import divergence_metrics, error_divergence
+from prefopt_core.probe import ErrorsFn, Probe, probe_errors
+from prefopt_core.weights import full_state_dict, load_full_state_dict, plain_copy, unwrap
 
 logger = logging.getLogger(__name__)
 
+ReferenceStrategy = Literal["frozen", "periodic", "precomputed", "none"]
 STRATEGIES: tuple[str, ...] = get_args(ReferenceStrategy)
 #: Strategies that hold a live reference model.
 LIVE_STRATEGIES: frozenset[str] = frozenset({"frozen", "periodic"})
@@ -82,263 +82,29 @@ ON_EXCEED: tuple[str, ...] = get_args(OnExceed)
 
 #: ``copy_fn(src, dst)``: copy ``src``'s weights into ``dst`` in place.
 CopyFn = Callable[[nn.Module, nn.Module], None]
-#: ``errors_fn(model, probe) -> (P,)`` per-sample denoising errors of ``model`` on ``probe``.
-ErrorsFn = Callable[[nn.Module, "Probe"], Tensor]
 #: ``sync_fn(x) -> x``: make a tensor identical on every rank (default: broadcast from rank 0).
 SyncFn = Callable[[Tensor], Tensor]
 
 _STATE_FORMAT = 1
 
 
-# ------------------------------------------------------------------------------------------------ probe
-@dataclass(frozen=True, eq=False)
-class Probe:
-    """A fixed probe set: ``P`` clean preferred latents with fixed noise and integer timesteps.
-
-    ``latents`` ``(P, C, h, w)``; ``cond`` per-sample conditioning, each ``(P, ...)`` (the pair's text
-    conditioning plus, for SDXL, the preferred image's micro-conditioning); ``noise`` ``(P, C, h, w)``;
-    ``t`` ``(P,)`` int64 in ``[0, T)``.
-    """
-
-    latents: Tensor
-    cond: dict[str, Tensor]
-    noise: Tensor
-    t: Tensor
-
-    def __post_init__(self) -> None:
-        n = self.latents.shape[0] if self.latents.ndim >= 1 else 0
-        if self.latents.ndim < 2 or n == 0:
-            raise ValueError(
-                f"latents must have shape (P, C, ...) with P >= 1, got {tuple(self.latents.shape)}"
-            )
-        if self.noise.shape != self.latents.shape:
-            raise ValueError(
-                f"noise {tuple(self.noise.shape)} must match latents {tuple(self.latents.shape)}"
-            )
-        if self.t.shape != (n,) or self.t.dtype.is_floating_point:
-            raise ValueError(
-                f"t must be integer timesteps of shape ({n},), got {tuple(self.t.shape)} {self.t.dtype}"
-            )
-        for k, v in self.cond.items():
-            if v.ndim < 1 or v.shape[0] != n:
-                raise ValueError(f"cond[{k!r}] must have leading dim P={n}, got {tuple(v.shape)}")
-
-    def __len__(self) -> int:
-        return int(self.latents.shape[0])
-
-    def slice(self, start: int, stop: int) -> Probe:
-        """Rows ``[start, stop)`` of every tensor (a view, no copy)."""
-        return Probe(
-            latents=self.latents[start:stop],
-            cond={k: v[start:stop] for k, v in self.cond.items()},
-            noise=self.noise[start:stop],
-            t=self.t[start:stop],
-        )
-
-    def to(self, device: torch.device | str) -> Probe:
-        return Probe(
-            latents=self.latents.to(device),
-            cond={k: v.to(device) for k, v in self.cond.items()},
-            noise=self.noise.to(device),
-            t=self.t.to(device),
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """CPU copies of the tensors (for checkpoints)."""
-        return {
-            "latents": self.latents.detach().cpu().clone(),
-            "cond": {k: v.detach().cpu().clone() for k, v in self.cond.items()},
-            "noise": self.noise.detach().cpu().clone(),
-            "t": self.t.detach().cpu().clone(),
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> Probe:
-        return cls(latents=state["latents"], cond=dict(state["cond"]), noise=state["noise"], t=state["t"])
-
-
-def build_probe(
-    latents: Tensor,
-    cond: dict[str, Tensor],
-    *,
-    size: int,
-    num_train_timesteps: int,
-    seed: int,
-) -> Probe:
-    """The probe set from the first ``size`` preferred latents ``latents (N, C, h, w)`` and ``cond`` ``(N, ...)``.
-
-    Noise and timesteps come from one ``torch.Generator`` seeded with ``seed``: ``noise ~ N(0, I)``
-    ``(size, C, h, w)`` float32, then stratified timesteps ``t[p] = floor((p + u_p) * T / size)``,
-    ``u_p ~ U[0, 1)``, so timestep ``t[p]`` lies in the ``p``-th of ``size`` equal slices of ``[0, T)`` and the
-    probe covers the whole schedule evenly (e.g. T=1000, size=4: t[0] in [0, 250), ..., t[3] in [750, 1000)).
-    """
-    if size < 1:
-        raise ValueError(f"probe size must be >= 1, got {size}")
-    if latents.ndim < 2 or latents.shape[0] < size:
+def check_strategy(loss_name: str, strategy: str) -> None:
+    """``ValueError`` (one sentence) unless ``strategy`` suits loss ``loss_name``: losses that compare the policy
+    with a reference (``LossSpec.needs_reference``) need a strategy other than ``none``; reference-free ones
+    need ``none`` (a reference would cost memory and never be used)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown reference strategy {strategy!r}; valid strategies: {list(STRATEGIES)}")
+    if get_loss(loss_name).needs_reference and strategy == "none":
         raise ValueError(
-            f"need at least reference.probe_size={size} preferred latents for the probe set, got "
-            f"{tuple(latents.shape)}; lower reference.probe_size"
+            f"loss.name={loss_name} compares the policy with a reference model, so reference.strategy cannot "
+            f"be 'none'; use one of {[s for s in STRATEGIES if s != 'none']}."
         )
-    g = torch.Generator().manual_seed(int(seed))
-    x0 = latents[:size].detach().cpu().float().clone()  # (P, C, h, w)
-    noise = torch.randn(x0.shape, generator=g, dtype=torch.float32)  # (P, C, h, w)
-    u = torch.rand(size, generator=g, dtype=torch.float64)  # (P,)
-    t = ((torch.arange(size, dtype=torch.float64) + u) * num_train_timesteps / size).long()
-    t = t.clamp(0, num_train_timesteps - 1)  # (P,)
-    return Probe(
-        latents=x0, cond={k: v[:size].detach().cpu().clone() for k, v in cond.items()}, noise=noise, t=t
-    )
-
-
-# ------------------------------------------------------------------------------------------- module utils
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a DeepSpeed engine, ``DistributedDataParallel`` or ``DataParallel``; else ``model``.
-
-    Only these wrappers are unwrapped (by type, or by the ``deepspeed.`` module path of the engine class,
-    so DeepSpeed need not be imported): a plain module with a submodule named ``module`` is returned as is.
-    """
-    inner = getattr(model, "module", None)
-    is_wrapper = isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) or type(
-        model
-    ).__module__.startswith("deepspeed.")
-    return inner if is_wrapper and isinstance(inner, nn.Module) else model
-
-
-def _is_partitioned(p: Tensor) -> bool:
-    """Whether ``p`` is a ZeRO-3 partitioned parameter (DeepSpeed tags those with ``ds_id``)."""
-    return hasattr(p, "ds_id")
-
-
-def _gathered(params: list[Tensor], modifier_rank: int | None):
-    """``deepspeed.zero.GatheredParameters`` over the ZeRO-3 parameters among ``params``; a no-op if none."""
-    zero_params = [p for p in params if _is_partitioned(p)]
-    if not zero_params:
-        return contextlib.nullcontext()
-    import deepspeed  # lazy: prefopt_core stays importable without DeepSpeed
-
-    return deepspeed.zero.GatheredParameters(zero_params, modifier_rank=modifier_rank)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _check_same_names(src: dict[str, Any], dst: dict[str, Any], what: str) -> None:
-    if src.keys() != dst.keys():
-        missing, unexpected = sorted(dst.keys() - src.keys()), sorted(src.keys() - dst.keys())
+    if not get_loss(loss_name).needs_reference and strategy != "none":
         raise ValueError(
-            f"{what} differ: missing in source {missing[:5]}, not in destination {unexpected[:5]}"
+            f"loss.name={loss_name} is reference-free, so reference.strategy must be 'none' (got {strategy!r}): "
+            f"a reference would cost memory and never be used (reference-based losses: "
+            f"{sorted(n for n, s in LOSSES.items() if s.needs_reference)})."
         )
-
-
-@torch.no_grad()
-def plain_copy(src: nn.Module, dst: nn.Module) -> None:
-    """Copy ``src``'s parameters and buffers into ``dst`` in place (``dst.load_state_dict(src.state_dict())``).
-
-    ``dst`` keeps its parameter objects, device and dtype (values are cast, e.g. fp32 -> bf16); strict
-    about names. For modules whose parameters are not ZeRO-3 partitioned.
-    """
-    unwrap(dst).load_state_dict(unwrap(src).state_dict(), strict=True)
-
-
-@torch.no_grad()
-def zero3_copy(src: nn.Module, dst: nn.Module) -> None:
-    """Copy ``src`` into ``dst`` where either may hold ZeRO-3 partitioned parameters (trl's ref-sync pattern).
-
-    One parameter at a time (memory bounded by the largest parameter, not the model): the source is gathered
-    read-only (``modifier_rank=None``), the destination with ``modifier_rank=0``; rank 0 writes and DeepSpeed
-    broadcasts and re-partitions the destination on exit. A destination parameter that is not partitioned is
-    a full replica and is written on every rank. Buffers are never partitioned and are copied directly.
-    Must be called on every rank. Falls back to :func:`plain_copy` semantics for ordinary modules (DeepSpeed
-    is imported only when a partitioned parameter is present).
-    """
-    src, dst = unwrap(src), unwrap(dst)
-    src_params, dst_params = dict(src.named_parameters()), dict(dst.named_parameters())
-    _check_same_names(src_params, dst_params, "parameters")
-    rank = _rank()
-    for name, p_dst in dst_params.items():
-        p_src = src_params[name]
-        with _gathered([p_src], None), _gathered([p_dst], 0):
-            if rank == 0 or not _is_partitioned(p_dst):
-                if p_src.shape != p_dst.shape:
-                    raise ValueError(f"parameter {name}: shape {tuple(p_src.shape)} != {tuple(p_dst.shape)}")
-                p_dst.data.copy_(p_src.data)
-    src_buffers, dst_buffers = dict(src.named_buffers()), dict(dst.named_buffers())
-    _check_same_names(src_buffers, dst_buffers, "buffers")
-    for name, b in dst_buffers.items():
-        b.copy_(src_buffers[name])
-
-
-@torch.no_grad()
-def full_state_dict(module: nn.Module, *, rank0_only: bool = False) -> dict[str, Tensor]:
-    """CPU copies of every parameter and persistent buffer, gathering ZeRO-3 parameters one at a time.
-
-    Collective under ZeRO-3 (call on every rank). With ``rank0_only`` the other ranks take part in the
-    gathers but keep nothing and return ``{}`` (bounds host memory when only rank 0 writes the file).
-    """
-    module = unwrap(module)
-    keep = not rank0_only or _rank() == 0
-    keys = set(module.state_dict().keys())
-    out: dict[str, Tensor] = {}
-    for name, p in module.named_parameters():
-        with _gathered([p], None):
-            if keep:
-                out[name] = p.detach().cpu().clone()
-    if keep:
-        for name, b in module.named_buffers():
-            if name in keys:
-                out[name] = b.detach().cpu().clone()
-    return out
-
-
-@torch.no_grad()
-def load_full_state_dict(module: nn.Module, state: dict[str, Tensor]) -> None:
-    """Write a :func:`full_state_dict` into ``module`` in place (ZeRO-3 aware; call on every rank)."""
-    module = unwrap(module)
-    params = dict(module.named_parameters())
-    keys = set(module.state_dict().keys())
-    buffers = {k: b for k, b in module.named_buffers() if k in keys}
-    _check_same_names(state, {**params, **buffers}, "state entries")
-    rank = _rank()
-    for name, p in params.items():
-        with _gathered([p], 0):
-            if rank == 0 or not _is_partitioned(p):
-                p.data.copy_(state[name])
-    for name, b in buffers.items():
-        b.copy_(state[name])
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside the block; each one's own training flag restored after."""
-    modules = list(module.modules())
-    flags = [m.training for m in modules]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in zip(modules, flags, strict=True):
-            m.training = flag
-
-
-def probe_errors(model: nn.Module, probe: Probe, errors_fn: ErrorsFn, *, chunk_size: int) -> Tensor:
-    """``(P,)`` float32 CPU errors of ``model`` on ``probe``, evaluated ``chunk_size`` samples at a time.
-
-    No gradients, eval mode (restored after). ``errors_fn`` receives the unwrapped module and a
-    :class:`Probe` of at most ``chunk_size`` rows and must return one error per row.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    module = unwrap(model)
-    parts: list[Tensor] = []
-    with torch.no_grad(), _eval_mode(module):
-        for start in range(0, len(probe), chunk_size):
-            chunk = probe.slice(start, min(start + chunk_size, len(probe)))
-            err = errors_fn(module, chunk)
-            if err.shape != (len(chunk),):
-                raise ValueError(f"errors_fn must return shape ({len(chunk)},), got {tuple(err.shape)}")
-            parts.append(err.detach().float().cpu())
-    return torch.cat(parts)  # (P,)
 
 
 def broadcast_from_rank0(x: Tensor) -> Tensor:
@@ -371,7 +137,8 @@ class ReferenceManager:
         tau, delta, on_exceed: ``periodic`` schedule (see module docstring).
         pretrained_fn: returns a module holding the pretrained weights (e.g. ``adapter.load_denoiser``); called
             once, at a ``reinit``. Required by ``on_exceed="reinit"``.
-        copy_fn: ``copy_fn(src, dst)`` in-place weight copy; :func:`plain_copy` by default, :func:`zero3_copy`
+        copy_fn: ``copy_fn(src, dst)`` in-place weight copy; :func:`~prefopt_core.weights.plain_copy` by default,
+            :func:`~prefopt_core.weights.zero3_copy`
             under ZeRO-3.
         chunk_size: probe samples per forward pass.
         device: where the probe tensors live (the models' device).
@@ -395,21 +162,9 @@ class ReferenceManager:
         device: torch.device | str = "cpu",
         sync_fn: SyncFn | None = broadcast_from_rank0,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown reference strategy {strategy!r}; valid strategies: {list(STRATEGIES)}")
+        check_strategy(loss_name, strategy)
         if on_exceed not in ON_EXCEED:
             raise ValueError(f"unknown on_exceed {on_exceed!r}; valid options: {list(ON_EXCEED)}")
-        needs_reference = get_loss(loss_name).needs_reference
-        if needs_reference and strategy == "none":
-            raise ValueError(
-                f"loss {loss_name!r} compares the policy with a reference model: reference strategy 'none' is "
-                f"invalid; use one of {[s for s in STRATEGIES if s != 'none']}"
-            )
-        if not needs_reference and strategy != "none":
-            raise ValueError(
-                f"loss {loss_name!r} is reference-free: reference strategy must be 'none', got {strategy!r} "
-                f"(reference-based losses: {sorted(n for n, s in LOSSES.items() if s.needs_reference)})"
-            )
         if strategy in LIVE_STRATEGIES and reference is None:
             raise ValueError(
                 f"reference strategy {strategy!r} needs the reference module (e.g. adapter.load_denoiser())"
@@ -457,8 +212,9 @@ class ReferenceManager:
         self._started = False
 
     @classmethod
-    def from_config(cls, section: ReferenceSection, *, loss_name: str, **kwargs: Any) -> ReferenceManager:
-        """From the ``reference`` config section; ``kwargs`` are the non-config arguments of ``__init__``."""
+    def from_config(cls, section: Any, *, loss_name: str, **kwargs: Any) -> ReferenceManager:
+        """From the ``reference`` config section (:class:`prefopt_core.config.ReferenceSection`); ``kwargs``
+        are the non-config arguments of ``__init__``."""
         return cls(
             section.strategy,
             loss_name=loss_name,

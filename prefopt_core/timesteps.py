@@ -1,4 +1,4 @@
-"""Training-timestep samplers and the timestep reward scale ``lambda(t)``.
+"""Training-timestep samplers, how a run draws them (:class:`TimestepConfig`) and the timestep weight ``lambda(t)``.
 
 Convention for every model family: integer training timesteps ``t in {0, ..., T-1}`` with
 ``T = num_train_timesteps`` (default 1000), and **larger t = noisier**. For DDPM-family models (SD1.5,
@@ -14,13 +14,14 @@ Usage::
     schedule = NoiseSchedule.from_ddpm_scheduler(DDPMScheduler.from_pretrained(path, subfolder="scheduler"))
     g = torch.Generator().manual_seed(1234)
     t = sample_timesteps(1, schedule.num_train_timesteps, sampling="gamma", generator=g)   # (1,)
-    lam = reward_scale(t, reward_scale_table(schedule))                                    # (1,) in [1, 2]
+    lam = timestep_weight(t, timestep_weight_table(schedule, "inv_sqrt_snr"))              # (1,) in [1, 2]
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -33,6 +34,10 @@ SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
 Sampling = Literal["uniform", "logit_normal", "gamma"]
 SAMPLINGS: tuple[str, ...] = get_args(Sampling)
+
+#: The timestep weight ``lambda(t)`` of the implicit reward (:func:`timestep_weight_table`).
+TimestepWeight = Literal["none", "inv_sqrt_snr"]
+TIMESTEP_WEIGHTS: tuple[str, ...] = get_args(TimestepWeight)
 
 # Flow matching: 1/sqrt(SNR) = sigma / (1 - sigma) is infinite at sigma = 1 (pure noise, the last training
 # sigma). sigma is clipped to at most 1 - 1e-3 (the second-largest unshifted sigma for T = 1000), so the
@@ -116,6 +121,26 @@ class NoiseSchedule:
         return sigma / (1.0 - sigma)
 
 
+@dataclass(frozen=True)
+class TimestepConfig:
+    """How training timesteps are drawn: the :func:`sample_timesteps` arguments besides ``n`` and ``T``.
+
+    Built from a run config by :meth:`prefopt_core.config.RunConfig.timestep_config`; its fields are also the
+    timestep keys of a latent cache's precomputed-reference settings (:meth:`from_mapping` reads them back).
+    """
+
+    sampling: Sampling = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    gamma: float = 0.9
+    bins: int = 50
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> TimestepConfig:
+        """From a mapping holding (at least) every field, e.g. ``dataclasses.asdict`` of one plus other keys."""
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
 def gamma_bin_bounds(num_train_timesteps: int, bins: int) -> tuple[Tensor, Tensor]:
     """Half-open timestep ranges ``[lo[k], hi[k])`` of the gamma-sampling bins, ``k = 0`` the noisiest.
 
@@ -194,23 +219,30 @@ def sample_timesteps(
     return _sample_gamma(n, num_train_timesteps, gamma, bins, generator)
 
 
-def reward_scale_table(schedule: NoiseSchedule) -> Tensor:
-    """Rethinking-DPO reward scale ``lambda(t) = 1 + minmax(1/sqrt(SNR(t)))``, ``(T,)`` float32.
+def timestep_weight_table(schedule: NoiseSchedule, weight: TimestepWeight) -> Tensor:
+    """The timestep weight ``lambda(t)`` named ``weight`` over every training timestep, ``(T,)`` float32.
 
-    ``minmax(x) = (x - min x) / (max x - min x)`` over the whole table, so ``lambda`` is exactly 1 at the
-    least noisy ``t = 0`` and exactly 2 at the noisiest ``t = T-1``, non-decreasing and finite (see
-    :meth:`NoiseSchedule.inv_sqrt_snr` for the clips). A constant table (e.g. T = 1) gives all ones.
-    For flow matching, ``sigma/(1-sigma)`` grows so fast near ``sigma = 1`` that ``lambda`` stays close to 1
-    for most ``t`` and rises only over the last few timesteps; the clip ``FLOW_SIGMA_MAX`` sets that scale.
+    * ``"none"``: ``lambda(t) = 1``.
+    * ``"inv_sqrt_snr"``: Rethinking DPO (Kang et al. 2025, arXiv:2505.18736)
+      ``lambda(t) = 1 + minmax(1/sqrt(SNR(t)))``, with ``minmax(x) = (x - min x) / (max x - min x)`` over the
+      whole table, so ``lambda`` is exactly 1 at the least noisy ``t = 0`` and exactly 2 at the noisiest
+      ``t = T-1``, non-decreasing and finite (see :meth:`NoiseSchedule.inv_sqrt_snr` for the clips). A
+      constant ``1/sqrt(SNR)`` (e.g. T = 1) gives all ones. For flow matching, ``sigma/(1-sigma)`` grows so
+      fast near ``sigma = 1`` that ``lambda`` stays close to 1 for most ``t`` and rises only over the last few
+      timesteps; the clip ``FLOW_SIGMA_MAX`` sets that scale.
     """
-    x = schedule.inv_sqrt_snr()  # (T,) float64
-    span = x.max() - x.min()
-    if span <= 0:
-        return torch.ones_like(x, dtype=torch.float32)
-    return (1.0 + (x - x.min()) / span).float()
+    if weight == "none":
+        return torch.ones(schedule.num_train_timesteps, dtype=torch.float32)
+    if weight == "inv_sqrt_snr":
+        x = schedule.inv_sqrt_snr()  # (T,) float64
+        span = x.max() - x.min()
+        if span <= 0:
+            return torch.ones_like(x, dtype=torch.float32)
+        return (1.0 + (x - x.min()) / span).float()
+    raise ValueError(f"unknown timestep weight {weight!r}; valid options: {list(TIMESTEP_WEIGHTS)}")
 
 
-def reward_scale(t: Tensor, table: Tensor) -> Tensor:
+def timestep_weight(t: Tensor, table: Tensor) -> Tensor:
     """``lambda`` at integer timesteps ``t`` ``(B,)``: ``table[t]`` ``(B,)`` on ``t``'s device."""
     return table.to(t.device)[t.long()]
 

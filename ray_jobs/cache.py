@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from prefopt_core.config import RunConfig
@@ -62,14 +63,9 @@ def precompute_settings(cfg: RunConfig) -> dict | None:
     """What the cached reference errors depend on (``reference.strategy=precomputed``), else None."""
     if cfg.reference.strategy != "precomputed":
         return None
-    t = cfg.timesteps
     return {
         "epochs": cfg.reference.precompute_epochs,
-        "sampling": cfg.timestep_sampling,
-        "logit_mean": t.logit_mean,
-        "logit_std": t.logit_std,
-        "gamma": t.gamma,
-        "bins": t.bins,
+        **asdict(cfg.timestep_config()),
         "reference": cfg.model.init_denoiser,
     }
 

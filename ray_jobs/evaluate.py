@@ -161,7 +161,8 @@ def _log_to_mlflow(uri: str, run_id: str, results: dict, seeds: list[int], files
 # ------------------------------------------------------------------------------------------- recipe
 def load_pipeline(cfg: RunConfig, adapter, source: ModelSource | None, device: torch.device):
     """The baseline pipeline (``source=None``), a full pipeline directory, or the baseline with a denoiser."""
-    from prefopt_core.models.base import TORCH_DTYPES, adapter_for
+    from prefopt_core.models.base import TORCH_DTYPES
+    from prefopt_core.models.registry import adapter_for
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
     if source is None:
@@ -237,7 +238,7 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
     """
     from pipelines.evaluation import load_prompts, summarize
     from pipelines.rewards import build_scorer
-    from prefopt_core.models.base import adapter_for
+    from prefopt_core.models.registry import adapter_for
     from ray_jobs import tracking
 
     seeds = list(cfg.eval.seeds)

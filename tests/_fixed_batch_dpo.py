@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from pipelines.toy_world import sample_toy_scene
-from prefopt_core.objective import PreferenceBatch, PreferenceObjective, TimestepConfig
+from prefopt_core.objective import PreferenceBatch, PreferenceObjective
+from prefopt_core.timesteps import TimestepConfig
 
 #: Image side of the fixed batch: 16 px (the toy world's minimum) -> 8 x 8 latents keeps 30 steps cheap.
 IMAGE_SIZE = 16

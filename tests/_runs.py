@@ -7,7 +7,7 @@ import mlflow
 
 def train_overrides(workdir, tiny_sd3, cache, name) -> list[str]:
     """2 workers x 2 pairs, DPO beta 500 at lr 1e-3, a periodic reference (tau 5) with gamma-sampled
-    timesteps and the lambda(t) reward scale: the whole Rethinking-DPO recipe on the tiny SD3."""
+    timesteps and the lambda(t) timestep weight: the whole Rethinking-DPO recipe on the tiny SD3."""
     return [
         f"run.workdir={workdir}",
         f"run.name={name}",
@@ -23,7 +23,7 @@ def train_overrides(workdir, tiny_sd3, cache, name) -> list[str]:
         "train.eval_every=5",
         "timesteps.sampling=gamma",
         "timesteps.bins=10",
-        "timesteps.reward_scale=true",
+        "loss.timestep_weight=inv_sqrt_snr",
         "train.sample_prompts=0",  # no end-of-run sample grid (tests/test_train_families.py checks it)
     ]
 

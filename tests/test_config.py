@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from prefopt_core.config import ConfigError, RunConfig, apply_overrides, flatten, load_config
@@ -40,7 +41,10 @@ def test_unknown_literal_lists_valid_options():
         (["loss.name=mapo"], "reference-free"),
         (["loss.name=mapo", "reference.strategy=periodic"], "reference-free"),
         (["loss.name=dpo", "reference.strategy=none"], "cannot be 'none'"),
-        (["loss.name=sft", "reference.strategy=none", "timesteps.reward_scale=true"], "implicit reward"),
+        (
+            ["loss.name=sft", "reference.strategy=none", "loss.timestep_weight=inv_sqrt_snr"],
+            "implicit reward",
+        ),
         (["model.lora_rank=4", "reference.strategy=periodic"], "adapters disabled"),
         (["train.offload_param=true", "train.zero_stage=2"], "zero_stage=3"),
         (["train.fail_at_step=50", "train.max_steps=10"], "never fire"),
@@ -65,6 +69,59 @@ def test_derived_defaults(tmp_path, monkeypatch):
     assert cfg.timestep_sampling == "logit_normal"
     assert load_config(None, ["model.family=sd15"]).timestep_sampling == "uniform"
     assert cfg.loss.resolved_beta() == 5000.0
+
+
+@pytest.mark.parametrize(
+    ("loss", "strategy", "beta"),
+    [("dpo", "frozen", 5000.0), ("mapo", "none", 0.1), ("kto", "frozen", 1000.0), ("sft", "none", 0.0)],
+)
+def test_default_beta_is_the_losses_default(loss, strategy, beta):
+    """Without loss.beta a run uses prefopt_core.losses.DEFAULT_BETA (values and sources pinned in
+    test_losses.test_default_beta_per_loss), and loss_kwargs passes exactly that beta to the loss."""
+    from prefopt_core.losses import loss_kwargs
+    from prefopt_core.timesteps import NoiseSchedule
+
+    cfg = load_config(None, [f"loss.name={loss}", f"reference.strategy={strategy}"])
+    assert cfg.loss.resolved_beta() == beta
+    schedule = NoiseSchedule(kind="flow", table=torch.linspace(0.001, 1.0, 1000, dtype=torch.float64))
+    assert loss_kwargs(cfg.loss, schedule).get("beta", 0.0) == beta
+
+
+def test_loss_kwargs_take_the_loss_parameters_and_the_schedule_length():
+    """MaPO gets beta, snr_value and T = the schedule's length (here 7, not the usual 1000); dpo gets beta
+    and convention only."""
+    from prefopt_core.losses import loss_kwargs
+    from prefopt_core.timesteps import NoiseSchedule
+
+    schedule = NoiseSchedule(kind="flow", table=torch.linspace(0.1, 1.0, 7, dtype=torch.float64))
+    mapo = load_config(None, ["loss.name=mapo", "reference.strategy=none", "loss.snr_value=0.25"])
+    assert loss_kwargs(mapo.loss, schedule) == {"beta": 0.1, "snr_value": 0.25, "num_train_timesteps": 7}
+    dpo = load_config(None, ["loss.beta=2500", "loss.convention=diffusers"])
+    assert loss_kwargs(dpo.loss, schedule) == {"beta": 2500.0, "convention": "diffusers"}
+
+
+@pytest.mark.parametrize("how", ["override", "file"])
+def test_renamed_key_fails_naming_the_new_one(how, tmp_path):
+    """timesteps.reward_scale is now loss.timestep_weight: one sentence that names the new key."""
+    path = None
+    overrides = ["timesteps.reward_scale=true"]
+    if how == "file":
+        path = tmp_path / "old.yaml"
+        path.write_text("timesteps:\n  reward_scale: true\n")
+        overrides = []
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert "'timesteps.reward_scale' was renamed to 'loss.timestep_weight'" in message
+    assert "true is now inv_sqrt_snr" in message and "\n" not in message
+
+
+def test_timestep_config_of_a_run():
+    """The sampling fields of the config, with the family's default sampling resolved (sd15: uniform)."""
+    from prefopt_core.timesteps import TimestepConfig
+
+    cfg = load_config(None, ["model.family=sd15", "timesteps.gamma=0.8", "timesteps.bins=10"])
+    assert cfg.timestep_config() == TimestepConfig(sampling="uniform", gamma=0.8, bins=10)
 
 
 def test_flatten_is_dotted():

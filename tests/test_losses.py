@@ -73,12 +73,12 @@ def test_dpo_official_beta_equals_diffusers_half_beta_exactly() -> None:
     assert torch.equal(official.losses, diffusers.losses)
 
 
-def test_dpo_reward_scale_multiplies_inside() -> None:
+def test_dpo_timestep_weight_multiplies_inside() -> None:
     """Worked example above (inside = 0.4 at lambda = 1) with lambda = [1, 2]:
     inside = [0.4, 0.8], loss = [ln(1+e^-0.4), ln(1+e^-0.8)] = [0.5130152524, 0.3711006659],
     reward_margin = mean(0.4, 0.8) = 0.6."""
     args = (t64(0.3, 0.3), t64(0.6, 0.6), t64(0.5, 0.5), t64(0.4, 0.4))
-    out = diffusion_dpo(*args, beta=2.0, reward_scale=t64(1.0, 2.0))
+    out = diffusion_dpo(*args, beta=2.0, timestep_weight=t64(1.0, 2.0))
     torch.testing.assert_close(out.losses, t64(0.5130152524, 0.3711006659))
     assert out.metrics["reward_margin"].item() == pytest.approx(0.6, abs=1e-6)
 
@@ -231,8 +231,8 @@ def test_extreme_errors_give_finite_losses_and_grads(name: str, scale: float) ->
     gen = torch.Generator().manual_seed(1)
     errs = [(torch.rand(8, generator=gen) * 2 * scale).requires_grad_() for _ in range(4)]
     errs[0].data[0] = 0.0  # an exact zero too
-    beta = 0.1 if name == "mapo" else 5000.0
-    out = compute_loss(name, *errs, beta=beta)
+    params = {"beta": 0.1 if name == "mapo" else 5000.0} if "beta" in LOSSES[name].params else {}
+    out = compute_loss(name, *errs, **params)
     out.losses.sum().backward()
     assert torch.isfinite(out.losses).all()
     for e in errs:
@@ -251,7 +251,24 @@ def test_registry_flags() -> None:
         "sft": (False, False),
         "kto": (True, True),
     }
-    assert DEFAULT_BETA["dpo"] == 5000.0 and DEFAULT_BETA["mapo"] == 0.1
+
+
+def test_default_beta_per_loss() -> None:
+    """Each loss's default beta is its official code's default, written out here by hand:
+    dpo 5000 (SalesforceAIResearch/DiffusionDPO launchers, --beta_dpo 5000, official 0.5 convention),
+    mapo 0.1 (mapo-t2i train.py --beta_mapo), kto 1000 (jacklishufan/diffusion-kto train_kto_sd_v1.5.py
+    --beta_dpo default, not overridden by its exps/example.sh), sft 0 (no preference term)."""
+    assert DEFAULT_BETA == {"dpo": 5000.0, "mapo": 0.1, "kto": 1000.0, "sft": 0.0}
+
+
+def test_timestep_weight_compatibility_is_owned_by_the_spec() -> None:
+    """lambda(t) scales an implicit reward: dpo/kto accept any weight, mapo/sft only "none"."""
+    for name in ("dpo", "kto"):
+        get_loss(name).check_timestep_weight("inv_sqrt_snr")
+    for name in ("mapo", "sft"):
+        get_loss(name).check_timestep_weight("none")
+        with pytest.raises(ValueError, match=f"loss.name={name} has none"):
+            get_loss(name).check_timestep_weight("inv_sqrt_snr")
 
 
 def test_get_loss_unknown_lists_valid_names() -> None:
@@ -268,25 +285,32 @@ def test_compute_loss_reference_loss_without_reference_raises() -> None:
 
 
 def test_compute_loss_dispatch_matches_direct_calls() -> None:
-    """compute_loss passes each loss only its own params (the others are ignored), None means default, and
-    reward_scale reaches DPO/KTO only. Worked DPO example with lambda = 2: inside 0.8 -> 0.3711006659."""
+    """compute_loss passes each loss its own params and timestep_weight reaches DPO/KTO only (MaPO/SFT ignore
+    it). Worked DPO example with lambda = 2: inside 0.8 -> 0.3711006659."""
     args = (t64(0.3), t64(0.6), t64(0.5), t64(0.4))
-    config = {"beta": 2.0, "convention": "official", "snr_value": 0.5, "num_train_timesteps": 1000}
-    config |= {"desirable_weight": 1.0, "undesirable_weight": None}
-    out = compute_loss("dpo", *args, reward_scale=t64(2.0), **config)
+    out = compute_loss("dpo", *args, timestep_weight=t64(2.0), beta=2.0, convention="official")
     assert out.losses.item() == pytest.approx(0.3711006659, abs=1e-9)
     torch.testing.assert_close(
-        compute_loss("mapo", *args, **config).losses, mapo(args[0], args[1], beta=2.0).losses
+        compute_loss("mapo", *args, timestep_weight=t64(2.0), beta=2.0, num_train_timesteps=10).losses,
+        mapo(args[0], args[1], beta=2.0, num_train_timesteps=10).losses,
     )
     torch.testing.assert_close(
-        compute_loss("kto", *args, reward_scale=t64(1.0), **config).losses, kto(*args, beta=2.0).losses
+        compute_loss("kto", *args, timestep_weight=t64(1.0), beta=2.0, desirable_weight=1.0).losses,
+        kto(*args, beta=2.0).losses,
     )
-    torch.testing.assert_close(compute_loss("sft", args[0], **config).losses, args[0])
-    default = compute_loss("dpo", *args)  # beta falls back to DEFAULT_BETA["dpo"] = 5000
-    torch.testing.assert_close(default.losses, diffusion_dpo(*args, beta=5000.0).losses)
+    torch.testing.assert_close(compute_loss("sft", args[0]).losses, args[0])
 
 
-def test_compute_loss_unknown_param_raises() -> None:
+def test_compute_loss_missing_beta_is_the_default() -> None:
+    """No beta: DEFAULT_BETA["dpo"] = 5000."""
+    args = (t64(0.3), t64(0.6), t64(0.5), t64(0.4))
+    torch.testing.assert_close(compute_loss("dpo", *args).losses, diffusion_dpo(*args, beta=5000.0).losses)
+
+
+def test_compute_loss_refuses_a_parameter_of_another_loss() -> None:
+    """Parameters are filtered once (loss_kwargs); compute_loss names the ones the loss takes."""
     e = t64(0.1)
-    with pytest.raises(ValueError, match=r"\['betta'\].*valid parameters"):
+    with pytest.raises(ValueError, match=r"does not take parameter\(s\) \['snr_value'\]; its parameters: "):
+        compute_loss("dpo", e, e, e, e, snr_value=0.5)
+    with pytest.raises(ValueError, match=r"\['betta'\]; its parameters: \[\]"):
         compute_loss("sft", e, betta=1.0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from prefopt_core.models.base import get_adapter
+from prefopt_core.models.registry import get_adapter
 from prefopt_core.models.sd3 import SD3Adapter
 from tests._fixed_batch_dpo import fit_fixed_batch
 

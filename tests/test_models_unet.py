@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefopt_core.models.base import get_adapter
+from prefopt_core.models.registry import get_adapter
 from prefopt_core.models.sd15 import SD15Adapter
 from prefopt_core.models.sdxl import SDXLAdapter, sdxl_time_ids
 from tests._fixed_batch_dpo import fit_fixed_batch
@@ -90,6 +90,20 @@ def test_sdxl_unet_config_is_consistent_with_its_encoders(unet_dirs):
 
 
 # ---------------------------------------------------------------------------------------- adapters
+def test_registry_has_one_adapter_per_family():
+    """Every name of models.base.Family has exactly one registered adapter whose ``family`` is that name."""
+    from prefopt_core.models.base import FAMILIES
+    from prefopt_core.models.registry import ADAPTERS
+
+    assert sorted(ADAPTERS) == sorted(FAMILIES) == ["sd15", "sd3", "sdxl"]
+    assert all(cls.family == name for name, cls in ADAPTERS.items())
+
+
+def test_unknown_family_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="unknown model family 'sd2'; valid: sd3, sdxl, sd15"):
+        get_adapter("sd2", tmp_path)
+
+
 def test_get_adapter_dispatches_to_the_unet_families(adapters):
     assert isinstance(adapters["sdxl"], SDXLAdapter) and adapters["sdxl"].family == "sdxl"
     assert isinstance(adapters["sd15"], SD15Adapter) and adapters["sd15"].family == "sd15"

@@ -10,7 +10,8 @@ from pipelines.cache_reader import batch_from_table
 from pipelines.latent_cache import read_manifest
 from prefopt_core.config import load_config
 from prefopt_core.models.sd3 import SD3Adapter
-from prefopt_core.objective import PreferenceObjective, TimestepConfig
+from prefopt_core.objective import PreferenceObjective
+from prefopt_core.timesteps import TimestepConfig
 from ray_jobs.training.driver import check_precomputed, epochs_needed
 from tests._cache import synthetic_cache
 
@@ -64,7 +65,7 @@ def test_precomputed_loss_equals_live_reference_loss(precomputed_cache, tiny_sd3
         for epoch in range(EPOCHS):
             a = objective(policy, cached, epoch=epoch)
             b = objective(policy, live, epoch=epoch, reference=reference)
-            torch.testing.assert_close(a.out.losses, b.out.losses, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(a.loss_output.losses, b.loss_output.losses, atol=1e-6, rtol=1e-5)
             assert abs(float(a.loss) - 0.6931) > 1e-4, "policy and reference must differ for a real check"
         with pytest.raises(ValueError, match="precompute_epochs"):
             objective(policy, cached, epoch=EPOCHS)

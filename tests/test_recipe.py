@@ -21,7 +21,8 @@ from pipelines.cache_reader import batch_from_table, read_cache_table
 from pipelines.latent_cache import read_manifest
 from prefopt_core.config import load_config
 from prefopt_core.models.sd3 import SD3Adapter
-from prefopt_core.objective import PreferenceObjective, TimestepConfig
+from prefopt_core.objective import PreferenceObjective
+from prefopt_core.timesteps import TimestepConfig
 from ray_jobs import tracking
 from ray_jobs.training.context import LocalContext
 from ray_jobs.training.recipe import RecipeInputs, WorkerRecipe, run_recipe

@@ -19,16 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from prefopt_core.reference import (
-    Probe,
-    ReferenceManager,
-    build_probe,
-    full_state_dict,
-    load_full_state_dict,
-    probe_errors,
-    unwrap,
-    zero3_copy,
-)
+from prefopt_core.probe import Probe, build_probe, probe_errors
+from prefopt_core.reference import ReferenceManager
+from prefopt_core.weights import full_state_dict, load_full_state_dict, unwrap, zero3_copy
 
 T = 1000
 
@@ -405,13 +398,34 @@ def test_precomputed_and_none_hold_no_reference(strategy: str, loss: str) -> Non
     assert manager.measure(policy) == pytest.approx({"kl/policy_init": 4.0, "kl/policy_init_signed": 4.0})
 
 
+@pytest.mark.parametrize(
+    ("loss", "allowed"),
+    [
+        ("dpo", {"frozen", "periodic", "precomputed"}),
+        ("kto", {"frozen", "periodic", "precomputed"}),
+        ("mapo", {"none"}),
+        ("sft", {"none"}),
+    ],
+)
+def test_check_strategy_is_the_loss_reference_rule(loss: str, allowed: set[str]) -> None:
+    """Losses with a reference (dpo, kto) take any strategy but none; reference-free ones only none."""
+    from prefopt_core.reference import STRATEGIES, check_strategy
+
+    for strategy in STRATEGIES:
+        if strategy in allowed:
+            check_strategy(loss, strategy)
+        else:
+            with pytest.raises(ValueError, match=f"loss.name={loss}"):
+                check_strategy(loss, strategy)
+
+
 def test_invalid_combinations_fail_loudly() -> None:
     ref = _drift_model()
     with pytest.raises(ValueError, match="valid strategies"):
         ReferenceManager("ema", loss_name="dpo", reference=ref)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="reference-free"):
         ReferenceManager("frozen", loss_name="mapo", reference=ref)
-    with pytest.raises(ValueError, match="'none' is invalid"):
+    with pytest.raises(ValueError, match="cannot be 'none'"):
         ReferenceManager("none", loss_name="kto")
     with pytest.raises(ValueError, match="needs the reference module"):
         ReferenceManager("periodic", loss_name="dpo", probe=_ones_probe(), errors_fn=_drift_errors)

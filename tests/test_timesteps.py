@@ -1,4 +1,4 @@
-"""Timestep samplers and the reward scale lambda(t) against hand-derived values."""
+"""Timestep samplers, TimestepConfig and the timestep weight lambda(t) against hand-derived values."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from scipy.stats import chisquare
 
 from prefopt_core.timesteps import (
+    TIMESTEP_WEIGHTS,
     NoiseSchedule,
+    TimestepConfig,
     gamma_bin_bounds,
     gamma_bin_probs,
-    reward_scale,
-    reward_scale_table,
     sample_timesteps,
     timestep_bin,
+    timestep_weight,
+    timestep_weight_table,
 )
 
 T = 1000
@@ -134,21 +136,55 @@ def test_flow_table_is_ascending_shifted_sigmas() -> None:
 
 
 @pytest.mark.parametrize("make_schedule", [sd15_schedule, sd3_schedule], ids=["ddpm_sd15", "flow_sd3"])
-def test_reward_scale_table_endpoints_monotone_finite(make_schedule) -> None:
+def test_inv_sqrt_snr_weight_endpoints_monotone_finite(make_schedule) -> None:
     """lambda = 1 + (x - min x)/(max x - min x) with x = 1/sqrt(SNR) non-decreasing in t, so lambda(0) = 1
     and lambda(T-1) = 2 exactly, non-decreasing and finite in between (flow sigma = 1 at T-1 is clipped)."""
-    lam = reward_scale_table(make_schedule())
+    lam = timestep_weight_table(make_schedule(), "inv_sqrt_snr")
     assert lam.shape == (T,)
     assert lam[0].item() == 1.0 and lam[-1].item() == 2.0
     assert torch.isfinite(lam).all() and (lam.diff() >= 0).all()
 
 
-def test_reward_scale_gathers_table() -> None:
-    """reward_scale(t, table) = table[t]; SD1.5 endpoints: lambda(0) = 1, lambda(999) = 2."""
-    table = reward_scale_table(sd15_schedule())
+def test_inv_sqrt_snr_weight_at_hand_derived_points() -> None:
+    """alpha_bar = (1, 0.5, 0.2): 1/sqrt(SNR) = sqrt((1 - a)/a) = (0, 1, 2), min-max (0, 0.5, 1), so
+    lambda = (1, 1.5, 2)."""
+    schedule = NoiseSchedule(kind="ddpm", table=torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64))
+    assert timestep_weight_table(schedule, "inv_sqrt_snr").tolist() == [1.0, 1.5, 2.0]
+
+
+def test_none_weight_is_one_everywhere() -> None:
+    """weight "none": lambda(t) = 1 for all T timesteps."""
+    assert torch.equal(timestep_weight_table(sd3_schedule(), "none"), torch.ones(T))
+
+
+def test_unknown_timestep_weight_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="valid options: \\['none', 'inv_sqrt_snr'\\]"):
+        timestep_weight_table(sd15_schedule(), "snr")  # type: ignore[arg-type]
+    assert TIMESTEP_WEIGHTS == ("none", "inv_sqrt_snr")
+
+
+def test_timestep_weight_gathers_table() -> None:
+    """timestep_weight(t, table) = table[t]; SD1.5 endpoints: lambda(0) = 1, lambda(999) = 2."""
+    table = timestep_weight_table(sd15_schedule(), "inv_sqrt_snr")
     t = torch.tensor([999, 0, 500])
-    torch.testing.assert_close(reward_scale(t, table), torch.stack([table[999], table[0], table[500]]))
-    assert reward_scale(t, table)[:2].tolist() == [2.0, 1.0]
+    torch.testing.assert_close(timestep_weight(t, table), torch.stack([table[999], table[0], table[500]]))
+    assert timestep_weight(t, table)[:2].tolist() == [2.0, 1.0]
+
+
+def test_timestep_config_from_mapping_reads_its_fields_only() -> None:
+    """A cache's precompute settings hold the TimestepConfig fields plus other keys (epochs, reference)."""
+    settings = {
+        "epochs": 2,
+        "sampling": "gamma",
+        "logit_mean": 0.5,
+        "logit_std": 2.0,
+        "gamma": 0.8,
+        "bins": 10,
+        "reference": None,
+    }
+    assert TimestepConfig.from_mapping(settings) == TimestepConfig("gamma", 0.5, 2.0, 0.8, 10)
+    with pytest.raises(KeyError, match="bins"):
+        TimestepConfig.from_mapping({k: v for k, v in settings.items() if k != "bins"})
 
 
 def test_schedule_validation() -> None:

@@ -29,14 +29,15 @@ from pipelines.cache_reader import batch_from_table
 from pipelines.latent_cache import read_manifest
 from prefopt_core.config import load_config
 from prefopt_core.models.sd3 import SD3Adapter
-from prefopt_core.objective import PreferenceObjective, TimestepConfig
+from prefopt_core.objective import PreferenceObjective
+from prefopt_core.timesteps import TimestepConfig
 from ray_jobs.training.driver import run_training
 from tests._runs import history, train_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The metrics issue 2 requires at every step.
+#: The metrics every training step logs.
 METRICS = (
     "loss",
     "implicit_acc",

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("family", ["sdxl", "sd15"])
 def test_refupdate_gamma_lambda_recipe_runs(family, tmp_path, tiny_unets, ray_cluster):
     """Cache + 4 steps with a periodic reference (tau 2, delta inf), gamma-sampled timesteps and the
-    lambda(t) reward scale. Expected from the recipe: reference updates at steps 2 and 4 (ref/updates
+    lambda(t) timestep weight. Expected from the recipe: reference updates at steps 2 and 4 (ref/updates
     = 2, never frozen); the divergence monitor logs ``kl/policy_init`` at step 0 (policy == init, so
     exactly 0) and at every tau-check (steps 2 and 4, > 0 once the policy has moved); per-bin metrics."""
     cfg = load_config(
@@ -44,7 +44,7 @@ def test_refupdate_gamma_lambda_recipe_runs(family, tmp_path, tiny_unets, ray_cl
             "reference.tau=2",
             "timesteps.sampling=gamma",
             "timesteps.bins=10",
-            "timesteps.reward_scale=true",
+            "loss.timestep_weight=inv_sqrt_snr",
             "loss.beta=500",
         ],
     )

@@ -60,7 +60,7 @@ METHODS: tuple[Method, ...] = (
         # adoption 0.0, chosen error 0.37 -> 2.4); delta 0.3 -> 0.17, delta 0.05 -> 0.68 (one update, then frozen)
         ("loss.name=dpo", "reference.strategy=periodic", "reference.tau=25", "reference.delta=0.05",
          "timesteps.sampling=gamma",
-         "timesteps.bins=10", "timesteps.reward_scale=true"),
+         "timesteps.bins=10", "loss.timestep_weight=inv_sqrt_snr"),
     ),
     Method("mapo", "MaPO (reference-free)", ("loss.name=mapo", "reference.strategy=none")),
     Method("sft", "SFT on chosen images", ("loss.name=sft", "reference.strategy=none")),

@@ -1,4 +1,7 @@
-"""The small interface every model family implements, and the registry that picks one.
+"""The small interface every model family implements, the family names, and helpers shared by the families.
+
+The adapters are registered by name in :mod:`prefopt_core.models.registry` (which imports the families;
+this module imports none of them).
 
 An adapter owns what differs between families: how prompts and images are encoded into the cache,
 how a clean latent becomes a noisy input and a regression target, and how the denoiser is called.
@@ -15,12 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 import torch
 from torch import Tensor, nn
 
 from prefopt_core.timesteps import NoiseSchedule
+
+#: The model families prefopt trains (one adapter each in :mod:`prefopt_core.models.registry`).
+Family = Literal["sd3", "sdxl", "sd15"]
+FAMILIES: tuple[str, ...] = get_args(Family)
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,49 +115,3 @@ def read_model_index(path: Path) -> dict[str, Any]:
             "by save_pretrained, or model.pretrained=tiny for the offline tiny model"
         )
     return json.loads(index.read_text())
-
-
-def adapter_kwargs(
-    family: str,
-    *,
-    dtype: str = "fp32",
-    max_sequence_length: int = 256,
-    prediction_type: str | None = None,
-    micro_conditioning: str = "per_image",
-) -> dict[str, Any]:
-    """The ``get_adapter`` keyword arguments of a model config (one place for every caller)."""
-    kwargs: dict[str, Any] = {"dtype": dtype, "prediction_type": prediction_type}
-    if family == "sd3":
-        kwargs["max_sequence_length"] = max_sequence_length
-    if family == "sdxl":
-        kwargs["micro_conditioning"] = micro_conditioning
-    return kwargs
-
-
-def adapter_for(model: Any, pretrained: str | Path, **extra: Any) -> ModelAdapter:
-    """The adapter of a ``ModelSection``-like object (``family``, ``dtype``, ...) for ``pretrained``."""
-    kwargs = adapter_kwargs(
-        model.family,
-        dtype=model.dtype,
-        max_sequence_length=model.max_sequence_length,
-        prediction_type=model.prediction_type,
-        micro_conditioning=getattr(model, "micro_conditioning", "per_image"),
-    )
-    return get_adapter(model.family, pretrained, **kwargs, **extra)
-
-
-def get_adapter(family: str, pretrained: str | Path, **kwargs: Any) -> ModelAdapter:
-    """Construct the adapter of ``family`` for the pipeline at ``pretrained``."""
-    if family == "sd3":
-        from prefopt_core.models.sd3 import SD3Adapter
-
-        return SD3Adapter(pretrained, **kwargs)
-    if family == "sdxl":
-        from prefopt_core.models.sdxl import SDXLAdapter
-
-        return SDXLAdapter(pretrained, **kwargs)
-    if family == "sd15":
-        from prefopt_core.models.sd15 import SD15Adapter
-
-        return SD15Adapter(pretrained, **kwargs)
-    raise ValueError(f"unknown model family {family!r}; valid: sd3, sdxl, sd15")

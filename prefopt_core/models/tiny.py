@@ -16,16 +16,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from prefopt_core.models.base import FAMILIES, Family
 from prefopt_core.models.tokenizer import write_clip_tokenizer
 
 logger = logging.getLogger(__name__)
-
-Family = Literal["sd3", "sdxl", "sd15"]
-FAMILIES: tuple[str, ...] = ("sd3", "sdxl", "sd15")
 
 
 @dataclass(frozen=True)

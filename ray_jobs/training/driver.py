@@ -119,7 +119,7 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, dict, Any]:
     least one batch per worker, precomputed errors that match, a checkpoint if ``resume=require``.
     Returns ``(base model dir, cache manifest, model adapter)``."""
     from pipelines.latent_cache import check_cache_matches, model_fingerprint, read_manifest
-    from prefopt_core.models.base import adapter_for
+    from prefopt_core.models.registry import adapter_for
 
     base = prepare_base_model(cfg)
     manifest = read_manifest(cfg.cache_dir)

@@ -31,6 +31,7 @@ from pipelines.progress import Progress
 from prefopt_core.config import RunConfig
 from prefopt_core.metrics import BinAccumulator
 from prefopt_core.objective import PreferenceBatch
+from prefopt_core.reference import LIVE_STRATEGIES
 from ray_jobs.training.context import RayTrainContext, WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class WorkerRecipe:
     def setup(self) -> None:
         import deepspeed
 
-        from prefopt_core.models.base import adapter_for
+        from prefopt_core.models.registry import adapter_for
         from prefopt_core.objective import PreferenceObjective
         from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu
         from ray_jobs.training.lora import add_lora
@@ -112,13 +113,7 @@ class WorkerRecipe:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, self.world)
         )
-        self.objective = PreferenceObjective(
-            self.adapter,
-            loss_name=cfg.loss.name,
-            loss_params=_loss_params(cfg),
-            timesteps=_timestep_config(cfg),
-            seed=cfg.run.seed,
-        )
+        self.objective = PreferenceObjective.from_config(self.adapter, cfg)
         self.refs = self._reference_manager()
         self.reference = self.refs.reference
         self.bins = BinAccumulator(self.adapter.schedule.num_train_timesteps)
@@ -148,7 +143,7 @@ class WorkerRecipe:
         from ray_jobs.training.lora import AdaptersDisabled
 
         cfg = self.cfg
-        if cfg.reference.strategy not in ("frozen", "periodic"):
+        if cfg.reference.strategy not in LIVE_STRATEGIES:
             return None
         if cfg.model.lora_rank > 0:
             return AdaptersDisabled(self.engine.module)  # the base model, no second copy
@@ -165,7 +160,9 @@ class WorkerRecipe:
     def _reference_manager(self):
         """The reference strategy around :meth:`_load_reference`, with the divergence probe set."""
         from prefopt_core.models.base import per_sample_mse
-        from prefopt_core.reference import ReferenceManager, build_probe, zero3_copy
+        from prefopt_core.probe import build_probe
+        from prefopt_core.reference import ReferenceManager
+        from prefopt_core.weights import zero3_copy
 
         cfg, adapter = self.cfg, self.adapter
         probe_table = self.inputs.probe
@@ -269,8 +266,8 @@ class WorkerRecipe:
             self.engine.step()
             for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
-            if "reward_margin" in out.out.per_sample:
-                self.bins.update(out.t, out.out.per_sample["reward_margin"])
+            if "reward_margin" in out.loss_output.per_sample:
+                self.bins.update(out.t, out.loss_output.per_sample["reward_margin"])
         return sums, data_s
 
     def train(self) -> dict[str, float]:
@@ -431,35 +428,6 @@ class WorkerRecipe:
     def cleanup(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
-
-
-def _loss_params(cfg: RunConfig) -> dict[str, Any]:
-    from prefopt_core.losses import get_loss
-
-    spec = get_loss(cfg.loss.name)
-    candidates = {
-        "beta": cfg.loss.resolved_beta(),
-        "convention": cfg.loss.convention,
-        "snr_value": cfg.loss.snr_value,
-        "desirable_weight": cfg.loss.desirable_weight,
-        "undesirable_weight": cfg.loss.undesirable_weight,
-    }
-    return {k: v for k, v in candidates.items() if k in spec.params}
-
-
-def _timestep_config(cfg: RunConfig):
-    """The objective's ``TimestepConfig`` of a run config (sampling, logit-normal, gamma bins, lambda(t))."""
-    from prefopt_core.objective import TimestepConfig
-
-    t = cfg.timesteps
-    return TimestepConfig(
-        sampling=cfg.timestep_sampling,
-        logit_mean=t.logit_mean,
-        logit_std=t.logit_std,
-        gamma=t.gamma,
-        bins=t.bins,
-        reward_scale=t.reward_scale,
-    )
 
 
 def run_recipe(recipe: WorkerRecipe) -> dict[str, float]:
