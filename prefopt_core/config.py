@@ -24,7 +24,7 @@ Family = Literal["sd3", "sdxl", "sd15"]
 
 #: Losses that compare the policy with a reference model.
 REFERENCE_LOSSES = frozenset({"dpo", "kto"})
-#: ``model.pretrained`` value that trains the toy testbed's base model (``benchmarks.toy_style.base``).
+#: ``model.pretrained`` value that trains the toy testbed's base model (``pipelines.toy_base``).
 TOY_BASE = "toy-base"
 
 

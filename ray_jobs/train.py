@@ -602,7 +602,7 @@ def prepare_base_model(cfg: RunConfig) -> Path:
     """The pretrained pipeline directory, building the offline tiny model when ``model.pretrained=tiny*`` and
     training the toy testbed's base (once; reused afterwards) when ``model.pretrained=toy-base``."""
     if cfg.model.pretrained == TOY_BASE:
-        from benchmarks.toy_style.base import build_toy_base
+        from pipelines.toy_base import build_toy_base
 
         return build_toy_base(cfg.base_model_dir, seed=cfg.run.seed)
     if cfg.tiny_preset is not None:

@@ -3,7 +3,7 @@
     python -m benchmarks.toy_style [--workdir DIR] [--quick]
 
 1. build (or reuse) the toy base: a tiny VAE + SD3 trained on the toy world, which outlines ("cartoon" style)
-   about a quarter of its samples when the prompt does not ask for it (:mod:`benchmarks.toy_style.base`);
+   about a quarter of its samples when the prompt does not ask for it (:mod:`pipelines.toy_base`);
 2. ``prefopt regenerate`` a MaPO-style Pick-Style dataset from that base: chosen = the prompt with the style
    phrase, rejected = the plain prompt, same seed (the ``custom`` preset with the toy style template);
 3. ``prefopt cache`` it; 4. ``prefopt train`` each method below from the same cache;
@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.toy_style.base import EVAL_SETTINGS, build_toy_base, measure_base
-from benchmarks.toy_style.world import STYLE_TEMPLATE, heldout_prompts, train_prompts
+from pipelines.toy_base import build_toy_base
+from pipelines.toy_prompts import STYLE_TEMPLATE, heldout_prompts, train_prompts
+from pipelines.toy_sampling import EVAL_SETTINGS, measure_base
 from prefopt_core.config import RunConfig, load_config
 
 logger = logging.getLogger("benchmarks.toy_style")
