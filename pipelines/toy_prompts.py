@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image
+from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image, plain_prompt
 
 #: The style phrase prefixed to a content caption to ask for the outline style (MaPO's cartoon preset prefixes
 #: "Disney style animated image."). Each of its words is one token of the offline CLIP tokenizer ("cartoon" and
@@ -57,11 +57,6 @@ HELDOUT_COMBOS: tuple[tuple[str, str], ...] = tuple(
 ALL_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOR_NAMES for s in SHAPES)
 #: The combinations the preference stage trains on (and the base always sees).
 TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
-
-
-def plain_prompt(color: str, shape: str) -> str:
-    """Content-only caption, e.g. ``"a red circle"``."""
-    return f"a {color} {shape}"
 
 
 def style_prompt(prompt: str) -> str:

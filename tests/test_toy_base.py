@@ -22,14 +22,13 @@ from pipelines.toy_prompts import (
     TRAIN_COMBOS,
     ToyWorldSpec,
     heldout_prompts,
-    plain_prompt,
     prompt_color,
     sample_dataset,
     style_prompt,
     train_prompts,
 )
 from pipelines.toy_sampling import SamplerSettings, generate, load_base, measure_base, style_rate
-from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image
+from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image, plain_prompt
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
