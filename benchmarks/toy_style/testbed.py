@@ -265,8 +265,9 @@ def base_only(workdir: Path, *, seed: int = 0, rebuild: bool = False) -> dict[st
     metrics["wall_s"] = time.perf_counter() - t0
     logger.info(
         "base %s: plain-prompt style rate %.3f (target 0.15-0.35), style-prompt rate %.3f, colour accuracy "
-        "%.3f / %.3f", base_dir, metrics["plain_style_rate"], metrics["style_style_rate"],
-        metrics["plain_color_acc"], metrics["style_color_acc"],
+        "%.3f / %.3f, shape accuracy %.3f / %.3f", base_dir, metrics["plain_style_rate"],
+        metrics["style_style_rate"], metrics["plain_color_acc"], metrics["style_color_acc"],
+        metrics["plain_shape_acc"], metrics["style_shape_acc"],
     )
     (workdir / "base_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
