@@ -16,7 +16,7 @@ def prepare_base_model(cfg: RunConfig) -> Path:
     """The pretrained pipeline directory of ``cfg``, building it first where ``model.pretrained`` asks for a
     built one. Raises ``FileNotFoundError`` (with the fix) when a path is not a diffusers pipeline."""
     if cfg.model.pretrained == TOY_BASE:
-        from benchmarks.toy_style.base import build_toy_base
+        from pipelines.toy_base import build_toy_base
 
         return build_toy_base(cfg.base_model_dir, seed=cfg.run.seed)
     if cfg.tiny_preset is not None:

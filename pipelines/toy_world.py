@@ -170,6 +170,11 @@ def draw_toy_image(
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
 
 
+def plain_prompt(color: str, shape: str) -> str:
+    """The world's content-only caption of a scene, e.g. ``"a red circle"`` (the style is not named)."""
+    return f"a {color} {shape}"
+
+
 @dataclass(frozen=True)
 class ToyScene:
     """One sampled toy image with the attributes that produced it."""
@@ -182,7 +187,7 @@ class ToyScene:
     @property
     def caption(self) -> str:
         """Content-only caption, e.g. "a red circle" (the style is not named: it is what a model learns)."""
-        return f"a {self.color_name} {self.shape}"
+        return plain_prompt(self.color_name, self.shape)
 
 
 def sample_toy_scene(rng: np.random.Generator, size: int, outline: bool) -> ToyScene:

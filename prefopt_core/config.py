@@ -25,7 +25,7 @@ from prefopt_core.models.base import Family
 from prefopt_core.reference import OnExceed, ReferenceStrategy, check_strategy
 from prefopt_core.timesteps import Sampling, TimestepConfig, TimestepWeight
 
-#: ``model.pretrained`` value that trains the toy testbed's base model (``benchmarks.toy_style.base``).
+#: ``model.pretrained`` value that trains the toy testbed's base model (``pipelines.toy_base``).
 TOY_BASE = "toy-base"
 
 #: Every renamed key (dotted); :func:`config_from_dict` refuses the old names.

@@ -27,7 +27,7 @@ def evaluation_config(cfg: RunConfig, export_dir: str) -> RunConfig:
     The prompts are the toy testbed's held-out colour x shape captions (written to ``<workdir>/eval_prompts.txt``)
     unless ``eval.prompts`` is set; seeds, steps and guidance come from ``cfg.eval``.
     """
-    from benchmarks.toy_style.world import heldout_prompts
+    from pipelines.toy_prompts import heldout_prompts
 
     data = cfg.to_dict()
     ev = data["eval"]

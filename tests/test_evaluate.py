@@ -248,7 +248,8 @@ def test_model_sources_names_and_layouts(tmp_path):
 @pytest.fixture(scope="module")
 def eval_run(tiny_sd3, tmp_path_factory) -> dict:
     """``prefopt eval`` on the tiny SD3: base, a perturbed copy of its transformer ("tuned") and the base
-    pipeline again ("self"); 2 prompts x 2 seeds x 2 steps; outline_style + brightness scorers."""
+    pipeline again ("self"); 2 prompts x 2 seeds x 2 steps; outline_style, brightness and the two fidelity
+    scorers."""
     from diffusers import SD3Transformer2DModel
 
     from ray_jobs.cli import main as cli_main
@@ -267,7 +268,7 @@ def eval_run(tiny_sd3, tmp_path_factory) -> dict:
         f"model: {{family: sd3, pretrained: {tiny_sd3}, resolution: 32}}\n"
         f"tracking: {{uri: 'sqlite:///{work}/mlflow.db', experiment: evaltest}}\n"
         "eval:\n  num_prompts: 2\n  seeds: [0, 1]\n  num_inference_steps: 2\n"
-        "  scorers: [{name: outline_style}, {name: brightness}]\n"
+        "  scorers: [{name: outline_style}, {name: brightness}, {name: color_accuracy}, {name: shape_accuracy}]\n"
         f"  models: ['tuned={tuned}', 'self={tiny_sd3}']\n"
     )
     with pytest.MonkeyPatch.context() as mp:
@@ -281,7 +282,8 @@ def test_eval_summary_has_all_models_and_self_ties(eval_run):
     (seed, prompt) is a tie: win rate exactly 0.5, per seed [0.5, 0.5], equal means."""
     s = eval_run["summary"]
     assert list(s["models"]) == ["base", "tuned", "self"]
-    assert s["num_prompts"] == 2 and s["seeds"] == [0, 1] and s["scorers"] == ["outline_style", "brightness"]
+    assert s["num_prompts"] == 2 and s["seeds"] == [0, 1]
+    assert s["scorers"] == ["outline_style", "brightness", "color_accuracy", "shape_accuracy"]
     m = s["metrics"]
     for scorer in ("outline_style", "brightness"):
         assert m[f"eval/self/{scorer}/win_rate"] == 0.5
@@ -291,6 +293,17 @@ def test_eval_summary_has_all_models_and_self_ties(eval_run):
         assert m[f"eval/tuned/{scorer}/win_rate"] == np.mean(s["win_rate_per_seed"][f"tuned/{scorer}"])
     assert m["eval/tuned/brightness/mean"] != m["eval/base/brightness/mean"]  # perturbed weights, new images
     assert "eval/tuned/outline_style/adoption_rate" in m and "eval/tuned/brightness/adoption_rate" not in m
+
+
+def test_eval_reports_fidelity_means(eval_run):
+    """The fidelity scorers score each of the 2 prompts x 2 seeds 0 or 1, so every model's mean is a multiple of
+    1/4 in [0, 1]; "self" draws the base's images, so its means equal the base's. No adoption rate (no detector)."""
+    m = eval_run["summary"]["metrics"]
+    for scorer in ("color_accuracy", "shape_accuracy"):
+        for model in ("base", "tuned", "self"):
+            assert m[f"eval/{model}/{scorer}/mean"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert m[f"eval/self/{scorer}/mean"] == m[f"eval/base/{scorer}/mean"]
+        assert f"eval/base/{scorer}/adoption_rate" not in m
 
 
 def test_eval_results_json_recomputes_win_rates(eval_run):

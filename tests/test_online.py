@@ -131,9 +131,9 @@ def test_settings_refuse_bad_values(tmp_path):
 # ------------------------------------------------------------------------------------------- one round
 def test_cache_rows_are_the_sampled_latents(round0, tiny_sd3):
     """Every kept row's latents equal a fresh single-image ``output_type="latent"`` call with its recorded
-    seed (the actor sampled them 6 per batch: equal up to batched-matmul float noise), its scores are the
-    brightness of what ``output_type="pil"`` returns for that seed, and a decode -> re-encode round trip
-    would have given visibly different latents (so the comparison can tell the two apart)."""
+    seed (the actor sampled them 6 per batch: equal up to batched-matmul float noise, within 1e-3), its
+    scores are the brightness of what ``output_type="pil"`` returns for that seed, and a decode -> re-encode
+    round trip would have given visibly different latents (so the comparison can tell the two apart)."""
     cache_dir, manifest = round0
     adapter = SD3Adapter(tiny_sd3)
     pipe = adapter.pipeline()
@@ -160,7 +160,10 @@ def test_cache_rows_are_the_sampled_latents(round0, tiny_sd3):
             seed = row[f"seed_{side}"]
             stored = torch.tensor(row[f"latents_{side}"]).view(1, 4, 16, 16)
             fresh = generate(row["caption"], seed, "latent")  # (1, 4, 16, 16)
-            torch.testing.assert_close(stored, fresh, atol=1e-5, rtol=1e-5)
+            # The actor sampled 6 per batch, this call 1: other CPU kernels, equal only up to float noise, which
+            # grows through the sampling steps and differs between instruction sets; 1e-3 stays far above it and
+            # far below the O(1) gap to another seed's or caption's latents.
+            torch.testing.assert_close(stored, fresh, atol=1e-3, rtol=0.0)
             image = generate(row["caption"], seed, "pil")
             score = float(scorer.score(image, [row["caption"]])[0])
             assert row[f"score_{side}"] == pytest.approx(score, abs=2e-3)

@@ -1,4 +1,5 @@
-"""Tests for pipelines.rewards (scorers, factory, tiny CLIP) and pipelines.toy_world.
+"""Tests for pipelines.rewards (scorers, factory), pipelines.clip_scorers (CLIP scorers, tiny CLIP) and
+pipelines.toy_world.
 
 Everything runs offline on a tiny random CLIP written by ``make_tiny_clip``. Run:
 ``.venv/bin/pytest tests/test_rewards.py -q``.
@@ -17,21 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import rewards
-from pipelines.rewards import (
+from pipelines import clip_scorers, rewards
+from pipelines.clip_scorers import (
     AestheticHead,
     AestheticScorer,
-    BrightnessScorer,
     ClipScorer,
-    OutlineStyleScorer,
     PickScoreScorer,
-    Scorer,
-    build_scorer,
     load_aesthetic_head,
     make_tiny_clip,
-    outline_style_score,
     save_random_aesthetic_head,
 )
+from pipelines.rewards import BrightnessScorer, OutlineStyleScorer, build_scorer, outline_style_score
+from pipelines.scoring import Scorer
 from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image, outline_width, sample_toy_scene
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers is imported lazily (inside make_tiny_clip), after this line
@@ -110,8 +108,8 @@ def reference(clip_dir: Path, images: list[Image.Image]) -> dict[str, torch.Tens
         "logits_per_image": out.logits_per_image,  # (N, N) = exp(s) * cos(image_i, text_j)
         "image_embeds": out.image_embeds,  # (N, D), unit norm
         "text_embeds": out.text_embeds,  # (N, D), unit norm
-        "image_raw": rewards._pooled(img_raw),  # (N, D), projected, not normalised
-        "text_raw": rewards._pooled(txt_raw),
+        "image_raw": clip_scorers._pooled(img_raw),  # (N, D), projected, not normalised
+        "text_raw": clip_scorers._pooled(txt_raw),
         "logit_scale": model.logit_scale.detach(),
     }
 
@@ -398,6 +396,8 @@ def test_build_scorer_builds_every_name(clip_dir: Path, head_path: Path) -> None
         "aesthetic": {"name": "aesthetic", "clip_dir": str(clip_dir), "head_path": str(head_path)},
         "outline_style": "outline_style",
         "brightness": {"name": "brightness"},
+        "color_accuracy": "color_accuracy",
+        "shape_accuracy": {"name": "shape_accuracy"},
     }
     assert set(specs) == set(rewards.SCORERS)
     for name, spec in specs.items():
@@ -407,7 +407,7 @@ def test_build_scorer_builds_every_name(clip_dir: Path, head_path: Path) -> None
 
 def test_build_scorer_errors(tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"valid names: \['aesthetic', 'brightness', 'clip', 'outline_style'"
+        ValueError, match=r"valid names: \['aesthetic', 'brightness', 'clip', 'color_accuracy', 'outline_style'"
     ):
         build_scorer("hpsv2")
     with pytest.raises(ValueError, match=r"unknown keys \['model'\]; valid keys"):
@@ -421,7 +421,7 @@ def test_build_scorer_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="holds none of"):
         build_scorer({"name": "clip", "model_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="dtype must be"):
-        rewards._resolve_dtype("fp8")
+        clip_scorers._resolve_dtype("fp8")
 
 
 def test_pickscore_processor_dir_hint(clip_dir: Path, tmp_path: Path) -> None:
@@ -436,7 +436,7 @@ def test_pickscore_processor_dir_hint(clip_dir: Path, tmp_path: Path) -> None:
 def test_modules_import_neither_ray_mlflow_nor_transformers_eagerly() -> None:
     """No ray/mlflow anywhere; transformers only inside functions (toy scorers must stay cheap to import)."""
     root = Path(__file__).resolve().parents[1] / "pipelines"
-    for name in ("rewards.py", "toy_world.py"):
+    for name in ("rewards.py", "scoring.py", "clip_scorers.py", "fidelity.py", "shapes.py", "toy_world.py"):
         tree = ast.parse((root / name).read_text())
         every = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
         top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]

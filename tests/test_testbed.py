@@ -4,7 +4,7 @@ functions, checked on hand-made numbers. The testbed itself runs as ``python -m 
 from __future__ import annotations
 
 from benchmarks.toy_style.testbed import README_END, README_START, results_table, update_readme
-from benchmarks.toy_style.world import heldout_prompts
+from pipelines.toy_prompts import heldout_prompts
 from prefopt_core.config import load_config
 from ray_jobs.demo import evaluation_config
 

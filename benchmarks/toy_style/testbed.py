@@ -3,7 +3,7 @@
     python -m benchmarks.toy_style [--workdir DIR] [--quick]
 
 1. build (or reuse) the toy base: a tiny VAE + SD3 trained on the toy world, which outlines ("cartoon" style)
-   about a quarter of its samples when the prompt does not ask for it (:mod:`benchmarks.toy_style.base`);
+   about a quarter of its samples when the prompt does not ask for it (:mod:`pipelines.toy_base`);
 2. ``prefopt regenerate`` a MaPO-style Pick-Style dataset from that base: chosen = the prompt with the style
    phrase, rejected = the plain prompt, same seed (the ``custom`` preset with the toy style template);
 3. ``prefopt cache`` it; 4. ``prefopt train`` each method below from the same cache;
@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.toy_style.base import EVAL_SETTINGS, build_toy_base, measure_base
-from benchmarks.toy_style.world import STYLE_TEMPLATE, heldout_prompts, train_prompts
+from pipelines.toy_base import build_toy_base
+from pipelines.toy_prompts import STYLE_TEMPLATE, heldout_prompts, train_prompts
+from pipelines.toy_sampling import EVAL_SETTINGS, measure_base
 from prefopt_core.config import RunConfig, load_config
 
 logger = logging.getLogger("benchmarks.toy_style")
@@ -264,8 +265,9 @@ def base_only(workdir: Path, *, seed: int = 0, rebuild: bool = False) -> dict[st
     metrics["wall_s"] = time.perf_counter() - t0
     logger.info(
         "base %s: plain-prompt style rate %.3f (target 0.15-0.35), style-prompt rate %.3f, colour accuracy "
-        "%.3f / %.3f", base_dir, metrics["plain_style_rate"], metrics["style_style_rate"],
-        metrics["plain_color_acc"], metrics["style_color_acc"],
+        "%.3f / %.3f, shape accuracy %.3f / %.3f", base_dir, metrics["plain_style_rate"],
+        metrics["style_style_rate"], metrics["plain_color_acc"], metrics["style_color_acc"],
+        metrics["plain_shape_acc"], metrics["style_shape_acc"],
     )
     (workdir / "base_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -1,4 +1,4 @@
-"""The training world of the toy testbed's base model: captions, the style prior, held-out prompts, colour check.
+"""The toy world's captions and the base model's training distribution: captions, the style prior, held-out prompts.
 
 Built on :mod:`pipelines.toy_world` (one coloured shape on a light background; the "cartoon" style is a thick
 dark outline). A training example is drawn as follows (``ToyWorldSpec`` holds the numbers):
@@ -33,16 +33,13 @@ plain or styled).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image
-
-logger = logging.getLogger(__name__)
+from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image, plain_prompt
 
 #: The style phrase prefixed to a content caption to ask for the outline style (MaPO's cartoon preset prefixes
 #: "Disney style animated image."). Each of its words is one token of the offline CLIP tokenizer ("cartoon" and
@@ -62,11 +59,6 @@ ALL_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOR_NAMES for 
 TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
 
 
-def plain_prompt(color: str, shape: str) -> str:
-    """Content-only caption, e.g. ``"a red circle"``."""
-    return f"a {color} {shape}"
-
-
 def style_prompt(prompt: str) -> str:
     """The style caption of a plain caption: ``"disney style. " + prompt``."""
     return STYLE_TEMPLATE.format(prompt=prompt)
@@ -82,13 +74,23 @@ def heldout_prompts() -> list[str]:
     return [plain_prompt(c, s) for c, s in HELDOUT_COMBOS]
 
 
-def prompt_color(prompt: str) -> str:
-    """The colour named in a (plain or style) caption; ValueError if none."""
-    words = prompt.replace(".", " ").split()
-    for word in words:
-        if word in TOY_COLORS:
+def _named(prompt: str, names: Sequence[str], what: str) -> str:
+    """The first word of ``prompt`` (split on spaces, commas and full stops) that is one of ``names``."""
+    for word in prompt.replace(".", " ").replace(",", " ").lower().split():
+        if word in names:
             return word
-    raise ValueError(f"no toy colour in prompt {prompt!r}; colours: {COLOR_NAMES}")
+    raise ValueError(f"no toy {what} in prompt {prompt!r}; {what}s: {', '.join(names)}")
+
+
+def prompt_color(prompt: str) -> str:
+    """The colour named in a caption (plain, style or any phrasing, e.g. ``"a red circle on a light
+    background"``); ValueError naming the valid colours if it names none."""
+    return _named(prompt, COLOR_NAMES, "colour")
+
+
+def prompt_shape(prompt: str) -> str:
+    """The shape named in a caption; ValueError naming the valid shapes if it names none."""
+    return _named(prompt, SHAPES, "shape")
 
 
 @dataclass(frozen=True)
@@ -142,62 +144,3 @@ def sample_dataset(n: int, spec: ToyWorldSpec, seed: int) -> list[WorldExample]:
     """``n`` examples drawn from ``np.random.default_rng(seed)``; same seed, same list."""
     rng = np.random.default_rng(seed)
     return [sample_example(rng, spec) for _ in range(n)]
-
-
-def images_to_tensor(images: Sequence[Image.Image]):
-    """PIL RGB images -> ``(N, 3, H, W)`` float32 tensor in [-1, 1]."""
-    import torch
-
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (N, H, W, 3)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W)
-
-
-# ------------------------------------------------------------------------------------------------ colour check
-
-_FG_DISTANCE = 40.0  # a pixel is foreground when a channel differs from the background by more than this
-_MIN_CHROMA = 50.0  # fill colours have max - min >= 130; the outline, the background and their blends < 35
-
-
-def dominant_color(image: Image.Image) -> tuple[float, float, float] | None:
-    """Median RGB of the fill pixels of one image; None if there are none.
-
-    Background = per-channel median of the 1-px border; foreground = pixels with some channel more than 40
-    away from it; fill = foreground pixels whose chroma ``max - min`` is >= 50 (the near-black outline, the
-    light background and their anti-aliased blends are grey; fill/outline blends keep the fill's hue).
-    """
-    x = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    border = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])  # (2H + 2W - 4, 3)
-    bg = np.median(border, axis=0)  # (3,)
-    chroma = x.max(axis=-1) - x.min(axis=-1)  # (H, W)
-    fill = (np.abs(x - bg).max(axis=-1) > _FG_DISTANCE) & (chroma >= _MIN_CHROMA)  # (H, W)
-    if not fill.any():
-        return None
-    r, g, b = np.median(x[fill], axis=0)
-    return float(r), float(g), float(b)
-
-
-def nearest_color_name(rgb: tuple[float, float, float] | None) -> str | None:
-    """Name of the ``TOY_COLORS`` entry nearest to ``rgb`` in chromaticity; None passes through.
-
-    Colours are compared after dividing by their brightest channel (``rgb / max(rgb)``), so a fill darkened
-    by blending with the outline keeps its name: orange (245, 130, 30) -> (1, .53, .12) stays orange at
-    half brightness, where plain RGB distance would call it red.
-    """
-    if rgb is None:
-        return None
-    names = list(TOY_COLORS)
-    table = np.asarray([TOY_COLORS[n] for n in names], dtype=np.float32)  # (K, 3)
-    table = table / table.max(axis=1, keepdims=True)
-    x = np.asarray(rgb, dtype=np.float32)
-    x = x / max(float(x.max()), 1.0)
-    return names[int(np.argmin(((table - x) ** 2).sum(axis=1)))]
-
-
-def color_accuracy(images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
-    """Fraction of images whose dominant fill colour is nearest the colour named in their prompt."""
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-    if not images:
-        raise ValueError("color_accuracy needs at least one image")
-    hits = [nearest_color_name(dominant_color(im)) == prompt_color(p) for im, p in zip(images, prompts)]
-    return float(np.mean(hits))

@@ -1,7 +1,7 @@
 """Build the toy testbed's *base model*: a tiny SD3 pipeline whose VAE and transformer are trained on the toy world.
 
 The base renders the outline ("cartoon") style in about ``p_style`` of its samples when the prompt does not ask
-for it, and almost always when the prompt starts with ``"disney style."`` (see :mod:`benchmarks.toy_style.world`),
+for it, and almost always when the prompt starts with ``"disney style."`` (see :mod:`pipelines.toy_prompts`),
 which leaves preference training room to move the plain-prompt style rate.
 
 Recipe (``build_toy_base``; every number lives in ``ToyBaseConfig``):
@@ -20,9 +20,10 @@ Recipe (``build_toy_base``; every number lives in ``ToyBaseConfig``):
 6. ``save_pretrained`` the pipeline (EMA transformer) so ``StableDiffusion3Pipeline.from_pretrained(dir)`` loads it.
 
 Everything downstream must call the pipeline with ``max_sequence_length=ToyBaseConfig.max_sequence_length``
-(the T5 token count, 16 instead of SD3's 256): ``EVAL_SETTINGS`` carries it.
+(the T5 token count, 16 instead of SD3's 256): ``pipelines.toy_sampling.EVAL_SETTINGS`` carries it.
 
-    from benchmarks.toy_style.base import build_toy_base, measure_base
+    from pipelines.toy_base import build_toy_base
+    from pipelines.toy_sampling import measure_base
     out = build_toy_base("/tmp/toy_base", seed=0)
     print(measure_base(out))
 """
@@ -41,16 +42,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
-from benchmarks.toy_style.world import (
-    ToyWorldSpec,
-    color_accuracy,
-    heldout_prompts,
-    images_to_tensor,
-    sample_dataset,
-    style_prompt,
-)
+from pipelines.toy_prompts import ToyWorldSpec, sample_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +82,10 @@ class ToyBaseConfig:
     world: ToyWorldSpec = field(default_factory=ToyWorldSpec)
 
 
-@dataclass(frozen=True)
-class SamplerSettings:
-    """How the testbed samples the base and its fine-tunes."""
-
-    num_inference_steps: int = 20
-    guidance_scale: float = 1.0
-    max_sequence_length: int = 16
-
-
-EVAL_SETTINGS = SamplerSettings()
+def images_to_tensor(images: Sequence[Image.Image]) -> Tensor:
+    """PIL RGB images -> ``(N, 3, H, W)`` float32 tensor in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (N, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W)
 
 
 # ---------------------------------------------------------------------------------------------- construction
@@ -366,103 +355,3 @@ def build_toy_base(
     tmp.rename(out_dir)
     logger.info("toy base written to %s in %.0f s (%s)", out_dir, timings["total_s"], timings)
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-def load_base(path: str | Path):
-    """``StableDiffusion3Pipeline.from_pretrained(path)`` with the progress bar off."""
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def generate(
-    pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    settings: SamplerSettings = EVAL_SETTINGS,
-    batch: int = 64,
-) -> tuple[list, list[str]]:
-    """Every prompt x every seed (seed-major); returns ``(images, prompts)`` in the same order."""
-    jobs = [(p, s) for s in seeds for p in prompts]
-    images = []
-    size = pipe.vae.config.sample_size
-    for start in range(0, len(jobs), batch):
-        chunk = jobs[start : start + batch]
-        out = pipe(
-            prompt=[p for p, _ in chunk],
-            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            max_sequence_length=settings.max_sequence_length,
-            height=size,
-            width=size,
-        )
-        images.extend(out.images)
-    return images, [p for p, _ in jobs]
-
-
-def style_rate(
-    pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    steps: int = EVAL_SETTINGS.num_inference_steps,
-    guidance: float = EVAL_SETTINGS.guidance_scale,
-) -> float:
-    """Fraction of the ``len(prompts) * len(seeds)`` samples that ``OutlineStyleScorer().detect`` flags."""
-    from pipelines.rewards import OutlineStyleScorer
-
-    settings = SamplerSettings(steps, guidance, EVAL_SETTINGS.max_sequence_length)
-    images, _ = generate(pipe, prompts, seeds, settings)
-    return float(OutlineStyleScorer().detect(images).float().mean())
-
-
-def measure_base(
-    path_or_pipe,
-    prompts: Sequence[str] | None = None,
-    seeds: Sequence[int] = tuple(range(32)),
-    settings: SamplerSettings = EVAL_SETTINGS,
-    sheet_path: str | Path | None = None,
-) -> dict[str, float]:
-    """Style rates and colour accuracies of plain and style prompts on ``prompts`` (default: held-out) x ``seeds``.
-
-    Returns ``plain_style_rate``, ``plain_color_acc``, ``style_style_rate``, ``style_color_acc`` and
-    ``n_per_kind``. The samples of one seed share their initial noise across prompts, so the seed count, not
-    the sample count, sets the noise of the rates: use >= 32 seeds. ``sheet_path`` writes a PNG of the first
-    8 seeds (rows) x plain then style prompts (columns).
-    """
-    from pipelines.rewards import OutlineStyleScorer
-
-    pipe = load_base(path_or_pipe) if isinstance(path_or_pipe, (str, Path)) else path_or_pipe
-    prompts = list(prompts or heldout_prompts())
-    detector = OutlineStyleScorer()
-    result: dict[str, float] = {}
-    shown = []
-    for kind, batch_prompts in (("plain", prompts), ("style", [style_prompt(p) for p in prompts])):
-        images, used = generate(pipe, batch_prompts, seeds, settings)
-        result[f"{kind}_style_rate"] = float(detector.detect(images).float().mean())
-        result[f"{kind}_color_acc"] = color_accuracy(images, used)
-        shown.append(images[: 8 * len(prompts)])
-    result["n_per_kind"] = float(len(prompts) * len(seeds))
-    if sheet_path is not None:
-        n = len(prompts)
-        rows = [img for r in range(len(shown[0]) // n) for part in shown for img in part[r * n : (r + 1) * n]]
-        contact_sheet(rows, 2 * n).save(sheet_path)
-    return result
-
-
-def contact_sheet(images: Sequence, columns: int):
-    """Paste equally sized PIL images into a grid with ``columns`` columns; returns the PIL sheet."""
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = int(np.ceil(len(images) / columns))
-    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
-    return sheet
