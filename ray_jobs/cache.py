@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 from prefopt_core.config import RunConfig
@@ -107,8 +106,3 @@ def run_cache(cfg: RunConfig) -> dict:
     (cfg.workdir / "cache_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
-
-if __name__ == "__main__":
-    from ray_jobs.cli import main
-
-    raise SystemExit(main(["cache", *sys.argv[1:]]))

@@ -28,9 +28,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -301,13 +299,3 @@ def _start_run(uri: str, cfg: RunConfig, base: Path, sources: list[ModelSource],
     tracking.log_params_once(uri, run.info.run_id, params)
     return run.info.run_id
 
-
-def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    raise SystemExit(main())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import yaml
@@ -125,8 +124,3 @@ def run_regenerate(cfg: RunConfig) -> dict:
     logger.info("regenerated %d %s pairs in %s", result["num_pairs"], r.preset, out)
     return summary
 
-
-if __name__ == "__main__":
-    from ray_jobs.cli import main
-
-    raise SystemExit(main(["regenerate", *sys.argv[1:]]))
