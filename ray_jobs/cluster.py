@@ -27,8 +27,8 @@ WORKER_ENV = {
 def ensure_ray(cfg: RunConfig, *, verbose: bool = False) -> None:
     """Initialise Ray once per process according to ``cfg.ray`` (no-op when already connected).
 
-    Quiet unless ``verbose``: the workers' output is not forwarded to this process and Ray's own loggers
-    and Ray Data's progress bars stay off the console. All of it is still in the Ray session logs
+    Quiet unless ``verbose``: the workers' output is not forwarded to this process, and Ray's loggers
+    (below ERROR) and Ray Data's progress bars stay off the console. All of it is still in the Ray session logs
     (``<temp dir>/session_latest/logs``).
     """
     import ray
@@ -38,7 +38,7 @@ def ensure_ray(cfg: RunConfig, *, verbose: bool = False) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {k: v for k, v in WORKER_ENV.items() if v}
     runtime_env = {"env_vars": env}
-    level = logging.INFO if verbose else logging.WARNING
+    level = logging.INFO if verbose else logging.ERROR
     if address and address != "local":
         logger.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level=level)
@@ -59,7 +59,7 @@ def ensure_ray(cfg: RunConfig, *, verbose: bool = False) -> None:
 
 def configure_data_context(*, verbose: bool = False) -> None:
     """This process's Ray Data settings: blocks in order (results are reproducible run to run), progress
-    bars and INFO logs on the console only when ``verbose`` (Ray Data's log file keeps them)."""
+    bars and logs below ERROR on the console only when ``verbose`` (Ray Data's log file keeps them)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -67,7 +67,7 @@ def configure_data_context(*, verbose: bool = False) -> None:
     ctx.enable_progress_bars = verbose
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
-            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def ingest_options():

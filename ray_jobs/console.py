@@ -9,15 +9,20 @@ run's workdir is known. The console then shows:
 * INFO records of every logger only when ``verbose`` (they always go to ``<workdir>/prefopt.log``).
 
 ``log_format="json"`` prints one JSON object per record instead: ``time``, ``level``, ``logger``,
-``message``, and ``progress`` (the record's dict) for progress records. Python warnings are routed into
-logging (logger ``py.warnings``): they reach the log file always and the console only when ``verbose``,
-since a library's deprecation notice says nothing the operator can act on.
+``message``, and ``progress`` (the record's dict) for progress records.
+
+Libraries talk to the console only about errors unless ``verbose``: Python warnings are routed into
+logging (logger ``py.warnings``, in the log file, on the console only when verbose), and the libraries
+that print through handlers of their own are turned down where they read their settings (environment
+variables the user did not set; DeepSpeed's logger, which reads none). Ray's loggers and Ray Data's are
+set in ``ray_jobs.cluster``; all of Ray's output stays in the Ray session logs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +40,15 @@ LOG_FILE = "prefopt.log"
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 #: The logger ``logging.captureWarnings`` sends Python warnings to.
 WARNINGS_LOGGER = "py.warnings"
+#: Environment that quiets libraries printing through their own handlers (set only where unset).
+QUIET_LIBRARY_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also turns off transformers' "Writing model shards" bars
+}
+#: Loggers that print through a handler of their own and never propagate; quiet mode keeps their
+#: records below ERROR off the console.
+SELF_HANDLED_LOGGERS = ("DeepSpeed",)
 #: Marks the handlers this module installed, so that configuring again replaces them.
 _MARK = "_prefopt_console"
 
@@ -103,6 +117,25 @@ class ConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING or self.options.verbose
 
 
+class ErrorsOnly(logging.Filter):
+    """A logger filter passing only ERROR and above (for loggers whose handlers are not ours)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_libraries(options: ConsoleOptions) -> None:
+    """Turn the self-handled library loggers down to errors, unless ``verbose``."""
+    if options.verbose:
+        return
+    for key, value in QUIET_LIBRARY_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in SELF_HANDLED_LOGGERS:
+        lib_logger = logging.getLogger(name)
+        if not any(isinstance(f, ErrorsOnly) for f in lib_logger.filters):
+            lib_logger.addFilter(ErrorsOnly())
+
+
 def formatter_for(log_format: LogFormat) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else TextFormatter()
 
@@ -124,6 +157,7 @@ def configure_console(options: ConsoleOptions, stream=None) -> None:
     root.setLevel(logging.DEBUG if options.verbose else logging.INFO)
     _replace_handler(root, handler, "console")
     logging.captureWarnings(True)
+    quiet_libraries(options)
 
 
 def attach_log_file(workdir: Path, log_format: LogFormat = "text") -> Path:

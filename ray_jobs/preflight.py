@@ -32,6 +32,20 @@ class PreflightError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- config file
+def _where(mark) -> str:
+    return "" if mark is None else f", line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(err: yaml.MarkedYAMLError) -> str:
+    """``expected ',' or ']', but got '<stream end>' (while parsing a flow sequence at line 3, column 9)``:
+    the problem, and where the construct it broke began."""
+    problem = err.problem or str(err)
+    if err.context and err.context_mark is not None:
+        mark = err.context_mark
+        return f"{problem} ({err.context} at line {mark.line + 1}, column {mark.column + 1})"
+    return problem
+
+
 def _check_yaml_file(path: Path) -> None:
     """Parse ``path`` once for a message with file, line and column (``load_config`` parses it again)."""
     try:
@@ -43,9 +57,9 @@ def _check_yaml_file(path: Path) -> None:
     try:
         yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise PreflightError(f"{path}{where}: malformed YAML: {err.problem or err}") from None
+        raise PreflightError(
+            f"{path}{_where(err.problem_mark)}: malformed YAML: {_yaml_problem(err)}"
+        ) from None
     except yaml.YAMLError as err:
         raise PreflightError(f"{path}: malformed YAML: {err}") from None
 
