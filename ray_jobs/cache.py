@@ -105,4 +105,3 @@ def run_cache(cfg: RunConfig) -> dict:
     }
     (cfg.workdir / "cache_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-

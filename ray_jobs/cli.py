@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on Ray. `prefopt COMMAND --help` lists the config keys a command reads.",
     )
     _global_flags(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     for cmd in COMMANDS.values():
         p = sub.add_parser(
             cmd.name,
@@ -255,7 +255,7 @@ def report(cmd: Command, cfg: RunConfig, summary: dict[str, Any], options: conso
 
 
 def _dispatch(ns: argparse.Namespace, options: console.ConsoleOptions) -> int:
-    cmd = COMMANDS[ns.command]
+    cmd = COMMANDS[ns.command_name]
     if cmd.name == "compare":
         return compare.run(ns)
     cfg = load_run_config(cmd, ns.args)
@@ -274,7 +274,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     unknown = [a for a in extra if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    positional = "config" if ns.command == "compare" else "args"
+    positional = "config" if ns.command_name == "compare" else "args"
     setattr(ns, positional, [*getattr(ns, positional), *extra])
     return ns
 
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if options.debug:
             traceback.print_exc()
-        console.report_error(ns.command, str(err), options)
+        console.report_error(ns.command_name, str(err), options)
         return 2
 
 

@@ -141,8 +141,9 @@ def differing_params(runs: list[RunInfo]) -> list[str]:
 def of_command(runs: list[RunInfo], command: str | None) -> tuple[list[RunInfo], list[str]]:
     """The runs made by ``command`` (all of them for None) and a note per other command left out.
 
-    Example: runs tagged train, eval, train, untagged with command "train" -> the two training runs and the
-    notes ``["left out 1 eval run (--command eval or --all to include)", "left out 1 untagged run ..."]``.
+    Example: runs tagged train, eval, train and one untagged, with command "train" -> the two training runs
+    and the notes (untagged first, then by command name) ``["left out 1 untagged run (--all to include)",
+    "left out 1 eval run (--command eval or --all to include)"]``.
     """
     if command is None:
         return runs, []
@@ -152,7 +153,7 @@ def of_command(runs: list[RunInfo], command: str | None) -> tuple[list[RunInfo],
         if r.command != command:
             others[r.command] = others.get(r.command, 0) + 1
     notes = []
-    for other, n in sorted(others.items(), key=lambda kv: str(kv[0])):
+    for other, n in sorted(others.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")):
         how = f"--command {other} or --all" if other else "--all"
         notes.append(f"left out {n} {other or 'untagged'} run{'s' * (n > 1)} ({how} to include)")
     return kept, notes

@@ -298,4 +298,3 @@ def _start_run(uri: str, cfg: RunConfig, base: Path, sources: list[ModelSource],
     params.update({f"eval.model.{s.name}": str(s.path) for s in sources})
     tracking.log_params_once(uri, run.info.run_id, params)
     return run.info.run_id
-

@@ -349,4 +349,3 @@ def run_online(cfg: RunConfig) -> dict[str, Any]:
     }
     (cfg.workdir / "online_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-

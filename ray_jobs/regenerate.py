@@ -123,4 +123,3 @@ def run_regenerate(cfg: RunConfig) -> dict:
     (cfg.workdir / "regenerate_summary.json").write_text(json.dumps(summary, indent=1))
     logger.info("regenerated %d %s pairs in %s", result["num_pairs"], r.preset, out)
     return summary
-
