@@ -1,4 +1,4 @@
-"""``prefopt cache CONFIG``: build (or finish) the latent cache of a run. Also ``python -m ray_jobs.cache``.
+"""``prefopt cache CONFIG``: build (or finish) the latent cache of a run. Also ``python -m ray_jobs cache``.
 
 Resolves the source (``data.source``, or a synthetic Pick-a-Pic-schema file for the demo), makes sure
 the base model exists, runs :func:`pipelines.latent_cache.build_cache` on Ray and writes

@@ -2,7 +2,7 @@
 
     prefopt eval configs/eval_toy.yaml                         # after `prefopt demo`
     prefopt eval configs/x.yaml 'eval.models=[dpo=/w/a/export/transformer,/w/b/export]' eval.seeds=[0,1]
-    python -m ray_jobs.evaluate configs/x.yaml                 # the same
+    python -m ray_jobs eval configs/x.yaml                     # the same
 
 Reads ``cfg.eval``: prompts (``pipelines.evaluation.load_prompts``; default the held-out toy-world prompts),
 ``num_prompts``, ``seeds``, ``scorers`` (specs for ``pipelines.rewards.build_scorer``), ``models`` and
