@@ -228,6 +228,11 @@ class TrackingSection(_Section):
         None, description="MLflow URI; default MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db."
     )
     experiment: str = "prefopt"
+    require_server: bool = Field(
+        True,
+        description="An http(s) uri must answer before a command starts; false: run anyway, keeping metrics "
+        "in <workdir>/mlflow_pending.jsonl until the server answers.",
+    )
 
 
 class RegenerateSection(_Section):

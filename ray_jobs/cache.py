@@ -1,4 +1,4 @@
-"""``prefopt cache CONFIG``: build (or finish) the latent cache of a run. Also ``python -m ray_jobs.cache``.
+"""``prefopt cache CONFIG``: build (or finish) the latent cache of a run. Also ``python -m ray_jobs cache``.
 
 Resolves the source (``data.source``, or a synthetic Pick-a-Pic-schema file for the demo), makes sure
 the base model exists, runs :func:`pipelines.latent_cache.build_cache` on Ray and writes
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -102,9 +101,3 @@ def run_cache(cfg: RunConfig) -> dict:
     }
     (cfg.workdir / "cache_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-if __name__ == "__main__":
-    from ray_jobs.cli import main
-
-    raise SystemExit(main(["cache", *sys.argv[1:]]))

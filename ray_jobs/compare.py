@@ -4,12 +4,16 @@
     prefopt compare --tracking-uri sqlite:///w/mlflow.db --experiment prefopt-demo --format markdown
     prefopt compare --tracking-uri URI --runs RUN_ID RUN_ID --metrics loss,implicit_acc --out /tmp/cmp
     prefopt compare configs/demo.yaml --filter "attributes.run_name LIKE 'dpo%'"   # an MLflow filter string
-    python -m ray_jobs.compare ...                             # the same
+    prefopt compare configs/demo.yaml --command eval           # the evaluation runs; --all: every run
+
+Runs of one command are compared (tag ``prefopt.command``; ``train`` unless ``--command`` says otherwise):
+a training run and an evaluation run share no metrics and few params. ``--all`` mixes them; explicit
+``--runs`` of different commands need ``--all`` too.
 
 The table has one row per run: run name, the first 8 characters of the run id, status, then for each metric
 its *final* value (at the last logged step) and, where the metric has a known direction (``METRIC_DIRECTION``),
 its *best* value (max or min over the history); unknown metrics get the final value only. Then come the params
-whose values differ across the runs (``params.<key>``; a param a run lacks counts as a value of its own).
+whose values differ among the runs that have them (``params.<key>``; a run without the param shows ``-``).
 
 Plots: one PNG per metric (``<out>/<metric with / -> _>.png``), one line per run, value over step; a run
 without the metric is skipped with a note. The table is printed to stdout in ``--format`` (table|markdown|csv;
@@ -53,6 +57,10 @@ METRIC_DIRECTION: dict[str, Direction] = {
 
 #: Characters of the run id shown in the table.
 ID_PREFIX = 8
+#: The tag naming the prefopt command that made a run (``train``, ``eval``, ``online``, ...).
+COMMAND_TAG = "prefopt.command"
+#: The command whose runs are compared when neither ``--command`` nor ``--all`` is given.
+DEFAULT_COMMAND = "train"
 
 
 class CompareError(ValueError):
@@ -68,6 +76,7 @@ class RunInfo:
     name: str
     status: str
     params: dict[str, str]
+    command: str | None = None
 
 
 @dataclass
@@ -120,12 +129,34 @@ def final_and_best(
 
 
 def differing_params(runs: list[RunInfo]) -> list[str]:
-    """Sorted param keys whose value is not the same in every run (a missing param counts as a value).
+    """Sorted param keys with at least two different values among the runs that have the param.
 
-    With a single run nothing differs.
+    A param only some runs have, with one value among them, does not differ: it says which command or
+    version made the run, not how the runs differ. With a single run nothing differs.
     """
     keys = sorted({k for r in runs for k in r.params})
-    return [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
+    return [k for k in keys if len({r.params[k] for r in runs if k in r.params}) > 1]
+
+
+def of_command(runs: list[RunInfo], command: str | None) -> tuple[list[RunInfo], list[str]]:
+    """The runs made by ``command`` (all of them for None) and a note per other command left out.
+
+    Example: runs tagged train, eval, train and one untagged, with command "train" -> the two training runs
+    and the notes (untagged first, then by command name) ``["left out 1 untagged run (--all to include)",
+    "left out 1 eval run (--command eval or --all to include)"]``.
+    """
+    if command is None:
+        return runs, []
+    kept = [r for r in runs if r.command == command]
+    others: dict[str | None, int] = {}
+    for r in runs:
+        if r.command != command:
+            others[r.command] = others.get(r.command, 0) + 1
+    notes = []
+    for other, n in sorted(others.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")):
+        how = f"--command {other} or --all" if other else "--all"
+        notes.append(f"left out {n} {other or 'untagged'} run{'s' * (n > 1)} ({how} to include)")
+    return kept, notes
 
 
 def metric_columns(metric: str) -> list[str]:
@@ -276,6 +307,7 @@ def _run_info(run) -> RunInfo:
         name=run.info.run_name or run.data.tags.get("mlflow.runName") or run.info.run_id[:ID_PREFIX],
         status=run.info.status,
         params=dict(run.data.params),
+        command=run.data.tags.get(COMMAND_TAG),
     )
 
 
@@ -342,6 +374,17 @@ def fetch_histories(
 
 
 # ------------------------------------------------------------------------------------------- entry points
+def _same_command(runs: list[RunInfo], command: str | None) -> list[RunInfo]:
+    """Explicit runs are compared as given, but only when one command made them all (unless ``command``
+    is None: ``--all``)."""
+    made_by = sorted({str(r.command) for r in runs})
+    if command is not None and len(made_by) > 1:
+        raise CompareError(
+            f"the runs were made by different commands ({', '.join(made_by)}); pass --all to compare them anyway"
+        )
+    return runs
+
+
 def compare(
     uri: str,
     *,
@@ -351,17 +394,28 @@ def compare(
     fmt: str = "table",
     out_dir: str | Path | None = None,
     filter_string: str = "",
+    command: str | None = DEFAULT_COMMAND,
 ) -> CompareResult:
     """Compare runs and write ``compare.md``, ``compare.csv`` and one PNG per metric into ``out_dir``.
 
-    ``out_dir`` defaults to ``<cwd>/compare_<experiment>`` (``compare_runs`` for explicit run ids without an
-    experiment). Returns the table rendered as ``fmt`` plus the paths written.
+    Runs of an experiment are those of ``command`` (``None``: every run); explicit ``run_ids`` must share
+    one command unless ``command`` is None. ``out_dir`` defaults to ``<cwd>/compare_<experiment>``
+    (``compare_runs`` for explicit run ids without an experiment). Returns the table rendered as ``fmt``
+    plus the paths written.
     """
     if fmt not in FORMATS:
         raise CompareError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     metrics = list(metrics or DEFAULT_METRICS)
     runs = select_runs(uri, experiment, run_ids, filter_string)
+    left_out: list[str] = []
+    if run_ids:
+        runs = _same_command(runs, command)
+    else:
+        runs, left_out = of_command(runs, command)
+        if not runs:
+            raise CompareError(f"experiment {experiment!r} has no {command} runs; {'; '.join(left_out)}")
     table = build_table(runs, fetch_histories(uri, runs, metrics), metrics)
+    table.notes[:0] = left_out
     label = re.sub(r"[^A-Za-z0-9._-]", "_", experiment) if experiment else "runs"
     out = Path(out_dir) if out_dir is not None else Path.cwd() / f"compare_{label}"
     out.mkdir(parents=True, exist_ok=True)
@@ -373,10 +427,8 @@ def compare(
     return CompareResult(table=table, text=render(table, fmt), out_dir=out, plots=plots, files=files)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="prefopt compare", description="Compare MLflow runs: a table of final/best metrics and plots."
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``prefopt compare`` (the CLI builds the parser)."""
     p.add_argument(
         "config", nargs="*", help="[CONFIG.yaml] [dotted.key=value ...] (tracking URI, experiment)"
     )
@@ -389,12 +441,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="table", help=f"output format: {'|'.join(FORMATS)} (default table)")
     p.add_argument("--out", help="output directory (default: <cwd>/compare_<experiment>)")
     p.add_argument("--filter", default="", help="MLflow filter string for the experiment's runs")
-    return p
+    p.add_argument(
+        "--command",
+        default=DEFAULT_COMMAND,
+        help=f"compare the runs this prefopt command made (tag {COMMAND_TAG}; default {DEFAULT_COMMAND})",
+    )
+    p.add_argument("--all", action="store_true", help="compare runs of every command together")
 
 
 def _config_from_args(positional: list[str]):
     """``[CONFIG.yaml] [dotted.key=value ...]`` -> RunConfig, or None when neither is given."""
-    from prefopt_core.config import load_config
+    from ray_jobs.preflight import load_user_config
 
     config, overrides = None, []
     for a in positional:
@@ -406,49 +463,36 @@ def _config_from_args(positional: list[str]):
             raise CompareError(f"unexpected argument {a!r}: expected one CONFIG.yaml and dotted.key=value")
     if config is None and not overrides:
         return None
-    return load_config(config, overrides)
+    return load_user_config(config, overrides)
 
 
-def main(args: list[str]) -> int:
-    """Entry point of ``prefopt compare``; prints the table and returns 0, or prints the error and returns 2."""
-    from prefopt_core.config import ConfigError
-
-    try:
-        ns = _parser().parse_intermixed_args(args)
-    except SystemExit as exit_:  # argparse already printed usage/help
-        return int(exit_.code or 0)
-    try:
-        if ns.format not in FORMATS:
-            raise CompareError(f"unknown format {ns.format!r}; valid formats: {', '.join(FORMATS)}")
-        cfg = _config_from_args(ns.config)
-        uri = ns.tracking_uri or (cfg.tracking_uri if cfg else None) or os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            raise CompareError(
-                "no MLflow tracking URI: pass --tracking-uri URI (e.g. sqlite:///prefopt_work/demo/mlflow.db), "
-                "a CONFIG.yaml, or set MLFLOW_TRACKING_URI"
-            )
-        experiment = ns.experiment or (cfg.tracking.experiment if cfg and not ns.runs else None)
-        metrics = [m.strip() for m in ns.metrics.split(",") if m.strip()] if ns.metrics else None
-        result = compare(
-            uri,
-            experiment=experiment,
-            run_ids=ns.runs,
-            metrics=metrics,
-            fmt=ns.format,
-            out_dir=ns.out,
-            filter_string=ns.filter,
+def run(ns: argparse.Namespace) -> int:
+    """Run ``prefopt compare`` for parsed arguments: print the table (stdout) and notes (stderr); raise
+    :class:`CompareError` (or a config error) for what the user must change."""
+    if ns.format not in FORMATS:
+        raise CompareError(f"unknown format {ns.format!r}; valid formats: {', '.join(FORMATS)}")
+    cfg = _config_from_args(ns.config)
+    uri = ns.tracking_uri or (cfg.tracking_uri if cfg else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise CompareError(
+            "no MLflow tracking URI: pass --tracking-uri URI (e.g. sqlite:///prefopt_work/demo/mlflow.db), "
+            "a CONFIG.yaml, or set MLFLOW_TRACKING_URI"
         )
-    except (CompareError, ConfigError, FileNotFoundError) as err:
-        print(f"prefopt compare: {err}", file=sys.stderr)
-        return 2
+    experiment = ns.experiment or (cfg.tracking.experiment if cfg and not ns.runs else None)
+    metrics = [m.strip() for m in ns.metrics.split(",") if m.strip()] if ns.metrics else None
+    result = compare(
+        uri,
+        experiment=experiment,
+        run_ids=ns.runs,
+        metrics=metrics,
+        fmt=ns.format,
+        out_dir=ns.out,
+        filter_string=ns.filter,
+        command=None if ns.all else ns.command,
+    )
     # the CLI's own output; notes go to stderr so that stdout pipes cleanly
     print(result.text.rstrip("\n"), flush=True)
     for note in result.table.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {', '.join(str(p) for p in [*result.files, *result.plots])}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("PREFOPT_LOG_LEVEL", "INFO"))
-    raise SystemExit(main(sys.argv[1:]))

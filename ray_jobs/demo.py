@@ -86,3 +86,13 @@ def run_demo(cfg: RunConfig) -> dict[str, Any]:
         evaluation["grid"],
     )
     return summary
+
+
+def outcome_lines(summary: dict[str, Any]) -> list[str]:
+    """The demo's last words on the console: the style adoption rate before -> after training."""
+    if "adoption_rate_before" not in summary:
+        return ["no trained model was evaluated (train.export=false)"]
+    return [
+        f"style adoption rate (held-out prompts without the style word): base "
+        f"{summary['adoption_rate_before']:.3f} -> trained {summary['adoption_rate_after']:.3f}"
+    ]

@@ -2,7 +2,7 @@
 
     prefopt eval configs/eval_toy.yaml                         # after `prefopt demo`
     prefopt eval configs/x.yaml 'eval.models=[dpo=/w/a/export/transformer,/w/b/export]' eval.seeds=[0,1]
-    python -m ray_jobs.evaluate configs/x.yaml                 # the same
+    python -m ray_jobs eval configs/x.yaml                     # the same
 
 Reads ``cfg.eval``: prompts (``pipelines.evaluation.load_prompts``; default the held-out toy-world prompts),
 ``num_prompts``, ``seeds``, ``scorers`` (specs for ``pipelines.rewards.build_scorer``), ``models`` and
@@ -28,9 +28,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -301,14 +299,3 @@ def _start_run(uri: str, cfg: RunConfig, base: Path, sources: list[ModelSource],
     params.update({f"eval.model.{s.name}": str(s.path) for s in sources})
     tracking.log_params_once(uri, run.info.run_id, params)
     return run.info.run_id
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    raise SystemExit(main())

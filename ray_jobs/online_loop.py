@@ -34,8 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -351,14 +349,3 @@ def run_online(cfg: RunConfig) -> dict[str, Any]:
     }
     (cfg.workdir / "online_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.cli import main as cli_main
-
-    return cli_main(["online", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    raise SystemExit(main())

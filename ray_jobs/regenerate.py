@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import yaml
@@ -124,9 +123,3 @@ def run_regenerate(cfg: RunConfig) -> dict:
     (cfg.workdir / "regenerate_summary.json").write_text(json.dumps(summary, indent=1))
     logger.info("regenerated %d %s pairs in %s", result["num_pairs"], r.preset, out)
     return summary
-
-
-if __name__ == "__main__":
-    from ray_jobs.cli import main
-
-    raise SystemExit(main(["regenerate", *sys.argv[1:]]))

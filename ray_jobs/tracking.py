@@ -268,7 +268,9 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
 
     ts = int(time.time() * 1000)
     try:
-        mlflow_client(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        mlflow_client(uri).log_batch(
+            run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        )
     except Exception as exc:
         logger.warning("could not log metrics to MLflow: %s", exc)
 

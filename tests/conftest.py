@@ -67,9 +67,9 @@ def ray_cluster():
             logging_level=logging.WARNING,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
         )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = True
+    from ray_jobs.cluster import configure_data_context
+
+    configure_data_context(verbose=False)
     yield ray
     ray.shutdown()
 

@@ -169,7 +169,6 @@ def ray_head() -> Iterator[Head]:
         RAY_AUTH_TOKEN_PATH=str(token_file),
         RAY_USAGE_STATS_ENABLED="0",
         HF_HUB_OFFLINE="1",
-        PREFOPT_LOG_LEVEL="INFO",  # the checks below read ensure_ray's INFO line
         PATH=f"{ENV_BIN}{os.pathsep}{env.get('PATH', '')}",
     )
     head_env = dict(env)
@@ -251,7 +250,8 @@ def test_submit_cache_and_train_to_a_real_head(ray_head: Head, tmp_path: Path):
         'print("JOB_CWD", os.getcwd()); print("JOB_CODE", ray_jobs.__file__); '
         'print("JOB_VENV_UPLOADED", os.path.exists(".venv"))\''
     )
-    entrypoint = f"{probe} && prefopt cache configs/demo.yaml {ov} && prefopt train configs/demo.yaml {ov}"
+    # --verbose: the checks below read ensure_ray's INFO line on the console
+    entrypoint = f"{probe} && prefopt --verbose cache configs/demo.yaml {ov} && prefopt --verbose train configs/demo.yaml {ov}"
     submission_id = f"prefopt-test-{secrets.token_hex(4)}"
     submit = [
         _ray_cli(),

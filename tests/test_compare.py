@@ -14,9 +14,14 @@ gamma      (5,.3): final .3, best .3       —                      —         
 =========  =============================  =====================  ====================  =============================
 
 Params: alpha {loss.beta 500, train.lr 1e-4, model.family sd3}; beta = alpha but loss.beta 2000 plus extra=1;
-gamma = alpha but train.lr 2e-4. Across all three: model.family is the same everywhere (dropped); loss.beta
-(500, 2000, 500), train.lr (1e-4, 1e-4, 2e-4) and extra (missing, 1, missing) differ. Across alpha and gamma
-only train.lr differs (extra is missing in both: the same).
+gamma = alpha but train.lr 2e-4. Across all three: model.family is the same everywhere (dropped), extra has
+one value among the runs that have it (dropped); loss.beta (500, 2000, 500) and train.lr (1e-4, 1e-4, 2e-4)
+differ. Across alpha and gamma only train.lr differs.
+
+All four are training runs (tag ``prefopt.command=train``). Experiment ``cmp`` also holds ``judge``, an
+evaluation run (``prefopt.command=eval``, started last) with params model.family sd3 and eval.seeds "[0, 1]"
+and one metric ``eval/base/outline_style/adoption_rate`` (1, 0.25): left out unless ``--all``/``command=None``;
+with it, eval.seeds (only judge has it) still does not differ, and judge has none of the default metrics.
 """
 
 from __future__ import annotations
@@ -29,8 +34,21 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ray_jobs import cli
 from ray_jobs import compare as cmp
-from ray_jobs.compare import CompareError, build_table, compare, final_and_best, main, plot_filename
+from ray_jobs.compare import CompareError, build_table, compare, final_and_best, plot_filename
+
+
+@pytest.fixture(autouse=True)
+def _console_untouched(monkeypatch):
+    """``cli.main`` runs in this process here: leave the test process's logging and environment alone."""
+    monkeypatch.setattr(cli.console, "configure_console", lambda options: None)
+
+
+def main(args: list[str]) -> int:
+    """``prefopt compare ARGS`` in this process."""
+    return cli.main(["compare", *args])
+
 
 HISTORIES = {
     "alpha": {
@@ -54,6 +72,7 @@ PARAMS = {
     "gamma": {"loss.beta": "500", "train.lr": "2e-4", "model.family": "sd3"},
 }
 STATUS = {"alpha": "FINISHED", "beta": "FINISHED", "gamma": "FAILED"}
+TRAIN_TAGS = {"prefopt.command": "train"}
 
 # final, best for metrics with a direction; final only for the KL metrics (None = missing)
 EXPECTED = {
@@ -90,7 +109,7 @@ def store(tmp_path_factory) -> dict:
     exp = client.create_experiment("cmp")
     ids = {}
     for i, name in enumerate(["alpha", "beta", "gamma"]):
-        run = client.create_run(exp, run_name=name, start_time=1_000 + i)
+        run = client.create_run(exp, run_name=name, start_time=1_000 + i, tags=TRAIN_TAGS)
         ids[name] = run.info.run_id
         for key, value in PARAMS[name].items():
             client.log_param(run.info.run_id, key, value)
@@ -98,8 +117,14 @@ def store(tmp_path_factory) -> dict:
             for j, (step, value) in enumerate(history):
                 client.log_metric(run.info.run_id, metric, value, timestamp=10_000 + j, step=step)
         client.set_terminated(run.info.run_id, status=STATUS[name])
+    judge = client.create_run(exp, run_name="judge", start_time=2_000, tags={"prefopt.command": "eval"})
+    ids["judge"] = judge.info.run_id
+    client.log_param(ids["judge"], "model.family", "sd3")
+    client.log_param(ids["judge"], "eval.seeds", "[0, 1]")
+    client.log_metric(ids["judge"], "eval/base/outline_style/adoption_rate", 0.25, step=1)
+    client.set_terminated(ids["judge"])
     other = client.create_experiment("other")
-    ids["delta"] = client.create_run(other, run_name="delta").info.run_id
+    ids["delta"] = client.create_run(other, run_name="delta", tags=TRAIN_TAGS).info.run_id
     return {"uri": uri, "ids": ids, "root": root}
 
 
@@ -140,7 +165,7 @@ def test_table_values_exact(store, tmp_path):
     table = result.table
     assert [r["run"] for r in table.rows] == ["alpha", "beta", "gamma"]  # start-time order
     assert table.columns == [
-        "run", "id", "status", *METRIC_COLUMNS, "params.extra", "params.loss.beta", "params.train.lr"
+        "run", "id", "status", *METRIC_COLUMNS, "params.loss.beta", "params.train.lr"
     ]  # fmt: skip
     rows = _row_by_name(table)
     for name, expected in EXPECTED.items():
@@ -149,13 +174,13 @@ def test_table_values_exact(store, tmp_path):
         assert rows[name]["status"] == STATUS[name]
     assert any("alpha" in n and "'kl/ref_init'" in n for n in table.notes)
     assert sum("gamma" in n for n in table.notes) == 4  # implicit_acc, reward_margin, both KLs
+    assert table.notes[0] == "left out 1 eval run (--command eval or --all to include)"
 
 
 def test_differing_params_selection(store, tmp_path):
     table = compare(store["uri"], experiment="cmp", out_dir=tmp_path).table
-    assert table.differing_params == ["extra", "loss.beta", "train.lr"]  # model.family is the same everywhere
+    assert table.differing_params == ["loss.beta", "train.lr"]  # model.family the same, extra only in beta
     rows = _row_by_name(table)
-    assert [rows[n]["params.extra"] for n in ("alpha", "beta", "gamma")] == [None, "1", None]
     assert [rows[n]["params.loss.beta"] for n in ("alpha", "beta", "gamma")] == ["500", "2000", "500"]
     assert [rows[n]["params.train.lr"] for n in ("alpha", "beta", "gamma")] == ["1e-4", "1e-4", "2e-4"]
 
@@ -177,7 +202,7 @@ def test_markdown_and_csv_parse_back(store, tmp_path):
     for row in parsed:
         for col, value in EXPECTED[row["run"]].items():
             assert (None if row[col] == "" else float(row[col])) == value, (row["run"], col)
-    assert parsed[1]["params.extra"] == "1" and parsed[0]["params.extra"] == ""
+    assert [r["params.loss.beta"] for r in parsed] == ["500", "2000", "500"]
 
 
 def test_pngs_are_valid_images(store, tmp_path):
@@ -262,3 +287,36 @@ def test_filter_string_selects_runs(store, tmp_path):
     assert result.table.differing_params == ["train.lr"]
     with pytest.raises(CompareError, match="has no runs matching"):
         compare(store["uri"], experiment="cmp", filter_string="params.`loss.beta` = '1'", out_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- one command
+def test_all_mixes_commands_and_params_differ_only_among_runs_that_have_them(store, tmp_path):
+    """With judge (eval) in: eval.seeds is judge's alone and model.family is sd3 in all four, so the
+    differing params stay loss.beta and train.lr; judge's loss cells are empty."""
+    table = compare(store["uri"], experiment="cmp", out_dir=tmp_path, command=None).table
+    assert [r["run"] for r in table.rows] == ["alpha", "beta", "gamma", "judge"]
+    assert table.differing_params == ["loss.beta", "train.lr"]
+    judge = _row_by_name(table)["judge"]
+    assert judge["loss final"] is None and judge["params.loss.beta"] is None
+
+
+def test_command_selects_the_evaluation_runs(store, tmp_path):
+    result = compare(store["uri"], experiment="cmp", out_dir=tmp_path, command="eval",
+                     metrics=["eval/base/outline_style/adoption_rate"])  # fmt: skip
+    assert [r["run"] for r in result.table.rows] == ["judge"]
+    assert result.table.rows[0]["eval/base/outline_style/adoption_rate final"] == 0.25
+    assert result.table.notes[0] == "left out 3 train runs (--command train or --all to include)"
+
+
+def test_no_runs_of_the_command_says_what_is_there(store, tmp_path):
+    with pytest.raises(CompareError, match=r"no online runs; left out 1 eval run .*; left out 3 train runs"):
+        compare(store["uri"], experiment="cmp", out_dir=tmp_path, command="online")
+
+
+def test_explicit_runs_of_two_commands_need_all(store, tmp_path, capsys):
+    ids = [store["ids"]["alpha"], store["ids"]["judge"]]
+    args = ["--tracking-uri", store["uri"], "--runs", *ids, "--out", str(tmp_path), "--format", "csv"]
+    assert main(args) == 2
+    assert "made by different commands (eval, train); pass --all" in capsys.readouterr().err
+    assert main([*args, "--all"]) == 0
+    assert [r["run"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["alpha", "judge"]

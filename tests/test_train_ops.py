@@ -32,6 +32,7 @@ def test_run_with_tracking_server_down_spills_and_replays(tmp_path, tiny_sd3, ca
             "train.max_steps=4",
             "train.eval_every=2",
             "tracking.uri=http://127.0.0.1:9",
+            "tracking.require_server=false",
         ],
     )
     summary = run_training(cfg)

@@ -143,14 +143,6 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, dict, Any]:
     return base, manifest, adapter
 
 
-def _ordered_ingest():
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
-
-
 def build_trainer(cfg: RunConfig, inputs: RecipeInputs, dataset, progress_sink):
     """The ``TorchTrainer`` of a run: ``train.num_workers`` workers (gloo on CPU, NCCL on GPUs), Ray Train
     checkpoints under ``<workdir>/ray_results/<run.name>``, ``train.max_failures`` restarts."""
@@ -158,6 +150,8 @@ def build_trainer(cfg: RunConfig, inputs: RecipeInputs, dataset, progress_sink):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_jobs.cluster import ingest_options
 
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -179,7 +173,7 @@ def build_trainer(cfg: RunConfig, inputs: RecipeInputs, dataset, progress_sink):
         datasets={"train": dataset},
         # ordered splits: every worker sees the same pairs in the same order on every (re)start, which
         # is what makes resumed runs and ZeRO stages reproduce each other
-        dataset_config=DataConfig(execution_options=_ordered_ingest()),
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
 
 
