@@ -2,7 +2,8 @@
 modules, nothing in the package imports ``benchmarks``, modules under ``ray_jobs/`` and ``pipelines/`` stay
 at most 500 lines and functions outside tests and benchmarks at most 80 lines.
 
-Imports are read from the source (``ast``), at any depth: a lazy import inside a function is still an arrow.
+Imports are read from the source (``ast``), at any depth: a lazy import inside a function is still an
+arrow; one under ``if TYPE_CHECKING:`` is not (it never runs).
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     """Project modules ``name`` imports: ``import a.b``, ``from a import b`` (a submodule b counts as a.b)."""
     found: set[str] = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    stack: list[ast.AST] = [ast.parse(path.read_text())]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
