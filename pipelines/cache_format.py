@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.sharded_build import FRAGMENT_NAMING, atomic_write_json
+from pipelines.sharded_build import FRAGMENT_NAMING, ShardedBuild, atomic_write_json
 
 CACHE_FORMAT = "prefopt-latent-cache/1"
 MANIFEST = "manifest.json"
@@ -85,6 +85,28 @@ def pair_key(pair_id: str) -> int:
 def cache_file(cache_dir: str | Path, kind: str, unit: int, first_row: int, suffix: str = "") -> Path:
     """``<cache_dir>/<kind>/fNNNNNN-rRRRRRRRRR<suffix>.parquet``: a file of unit ``unit`` (first row ``first_row``)."""
     return Path(cache_dir) / kind / FRAGMENT_NAMING.name(unit, first_row, suffix)
+
+
+def cache_build(
+    cache_dir: str | Path,
+    *,
+    build: str = "cache",
+    dir_key: str = "cache.dir",
+    other_kind: str = QUARANTINE_DIR,
+    unit_name: str = "rows",
+) -> ShardedBuild:
+    """The resumable-build rules of a cache directory: units are fragments (or chunks) of rows named by
+    ``row_index``, kept in ``shards/`` or ``other_kind`` (``quarantine/``; the online rounds' ``skipped/``);
+    ``manifest.json`` is written last."""
+    return ShardedBuild(
+        cache_dir,
+        build=build,
+        dir_key=dir_key,
+        kinds=(SHARDS_DIR, other_kind),
+        row_column="row_index",
+        marker=MANIFEST,
+        unit_name=unit_name,
+    )
 
 
 def fingerprint_hash(fp: dict) -> str:

@@ -89,11 +89,21 @@ def write_dataset_card(
 ) -> Path:
     """Write ``README.md`` (YAML front matter + description) atomically; return its path."""
     output_dir = Path(output_dir)
-    preset = get_preset(settings.preset)
     num_bytes, download = _shard_sizes(output_dir)
     meta = yaml.safe_dump(
         card_metadata(settings, len(specs), license_id, num_bytes, download), sort_keys=False
     )
+    body = _card_body(output_dir, settings, specs, prompt_source=prompt_source, command=command)
+    path = output_dir / CARD
+    atomic_write_bytes(f"---\n{meta}---\n\n{body}".encode(), path)
+    return path
+
+
+def _card_body(
+    output_dir: Path, settings: RegenerateSettings, specs: list[PairSpec], *, prompt_source: str, command: str
+) -> str:
+    """The markdown of the card below its front matter."""
+    preset = get_preset(settings.preset)
     examples = "\n".join(
         f"| {p.prompt_index} | {_md(p.caption)} | {_md(p.chosen_prompt)} | {_md(p.rejected_prompt)} | {p.seed} |"
         for p in specs[:5]
@@ -156,9 +166,7 @@ prefopt cache CONFIG data.source={output_dir}
 prefopt train CONFIG data.source={output_dir} loss.name=mapo reference.strategy=none
 ```
 """
-    path = output_dir / CARD
-    atomic_write_bytes(f"---\n{meta}---\n\n{body}".encode(), path)
-    return path
+    return body
 
 
 def read_card_metadata(path: str | Path) -> dict[str, Any]:

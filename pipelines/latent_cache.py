@@ -40,12 +40,12 @@ import torch
 
 from pipelines.cache_format import (
     CACHE_FORMAT,
-    MANIFEST,
     QUARANTINE_DIR,
     SHAPES_KEY,
     SHARDS_DIR,
     CacheMismatchError,
     CacheSettings,
+    cache_build,
     cache_file,
     check_cache_matches,
     model_fingerprint,
@@ -257,18 +257,6 @@ def plan_fingerprint(settings: CacheSettings, encoders: dict, fragments: list[Fr
         "fragments": frag_hash,
         "num_fragments": len(fragments),
     }
-
-
-def cache_build(cache_dir: str | Path) -> ShardedBuild:
-    """The resumable-build rules of a latent cache directory (units: fragments; rows: ``row_index``)."""
-    return ShardedBuild(
-        cache_dir,
-        build="cache",
-        dir_key="cache.dir",
-        kinds=(SHARDS_DIR, QUARANTINE_DIR),
-        row_column="row_index",
-        marker=MANIFEST,
-    )
 
 
 class _QuarantineCount:

@@ -75,8 +75,8 @@ import torch
 
 from pipelines.cache_format import (
     CACHE_FORMAT,
-    MANIFEST,
     SHARDS_DIR,
+    cache_build,
     cache_file,
     model_fingerprint,
     write_manifest,
@@ -93,7 +93,7 @@ from pipelines.online_pairs import (
     skipped_table,
     unkeep,
 )
-from pipelines.sharded_build import ShardedBuild, atomic_write_table, run_actor_pool
+from pipelines.sharded_build import atomic_write_table, run_actor_pool
 
 logger = logging.getLogger(__name__)
 
@@ -353,27 +353,36 @@ def plan_fingerprint(settings: OnlineSettings, adapter, prompts: list[str]) -> d
     }
 
 
-def online_build(cache_dir: str | Path) -> ShardedBuild:
-    """The resumable-build rules of an online round's cache (units: chunks of prompts; rows: prompt
-    indices in ``row_index``), counted in prompts."""
-    return ShardedBuild(
-        cache_dir,
-        build="online",
-        dir_key="round directory",
-        kinds=(SHARDS_DIR, SKIPPED_DIR),
-        row_column="row_index",
-        marker=MANIFEST,
-        unit_name="prompts",
-    )
+def _round_manifest(
+    settings: OnlineSettings, stats: dict[str, Any], num_prompts: int, num_chunks: int, generated: int
+) -> dict[str, Any]:
+    """The online round's own manifest keys (``stats``: :func:`online_statistics` of the round)."""
+    stats = dict(stats)
+    return {
+        "num_skipped": stats["pairs_skipped"],
+        "skipped": stats["skipped"],
+        "skipped_files": stats.pop("skipped_files"),
+        "chunks_generated": generated,
+        "chunks_skipped": num_chunks - generated,
+        "online": {
+            "round": settings.round,
+            "policy": settings.policy,
+            "samples_per_prompt": settings.samples_per_prompt,
+            "min_margin": settings.min_margin,
+            "scorer": settings.scorer,
+            "num_prompts": num_prompts,
+            **stats,
+        },
+    }
 
 
 def generate_online_cache(
     prompts: list[str],
     *,
-    cache_dir: str | Path,
     settings: OnlineSettings,
-    num_actors: int = 1,
+    cache_dir: str | Path,
     cpus_per_actor: float = 1.0,
+    num_actors: int = 1,
 ) -> dict[str, Any]:
     """Sample (or finish) one online round into ``cache_dir``; returns the manifest. Ray must be initialised.
     Progress (prompts done/total, kept, skipped, ETA) is logged on the ``prefopt.progress`` logger.
@@ -386,7 +395,13 @@ def generate_online_cache(
 
     if not prompts:
         raise ValueError("no prompts to sample from")
-    build = online_build(Path(cache_dir).expanduser().resolve())
+    build = cache_build(
+        Path(cache_dir).expanduser().resolve(),
+        build="online",
+        dir_key="round directory",
+        other_kind=SKIPPED_DIR,
+        unit_name="prompts",
+    )
     cache_dir = build.root
     fp = plan_fingerprint(settings, adapter_for(settings, settings.base_model_dir), prompts)
     build.open(fp, source=settings.source)
@@ -395,13 +410,7 @@ def generate_online_cache(
     ]
     units = [range(start, start + len(part)) for start, part in chunks]
     pending, progress = build.start(units)
-    logger.info(
-        "online round %d -> %s: %d prompts x %d samples",
-        settings.round,
-        cache_dir,
-        len(prompts),
-        settings.samples_per_prompt,
-    )
+    logger.info("online round %d: %d samples per prompt", settings.round, settings.samples_per_prompt)
     t0 = time.perf_counter()
     rows_done = 0
     if pending:
@@ -431,22 +440,7 @@ def generate_online_cache(
         num_input_rows=len(prompts),
         elapsed=elapsed,
         rows_done=rows_done,
-        extra={
-            "num_skipped": stats["pairs_skipped"],
-            "skipped": stats["skipped"],
-            "skipped_files": stats.pop("skipped_files"),
-            "chunks_generated": len(pending),
-            "chunks_skipped": len(chunks) - len(pending),
-            "online": {
-                "round": settings.round,
-                "policy": settings.policy,
-                "samples_per_prompt": settings.samples_per_prompt,
-                "min_margin": settings.min_margin,
-                "scorer": settings.scorer,
-                "num_prompts": len(prompts),
-                **stats,
-            },
-        },
+        extra=_round_manifest(settings, stats, len(prompts), len(chunks), len(pending)),
     )
     logger.info(
         "online round %d: %d pairs kept, %d skipped %s, chosen/rejected score %s / %s",
