@@ -293,7 +293,8 @@ class Context:
 
     def _build_cache(self, cfg) -> Path:
         """Build (or finish, or reuse) a cache with the Ray Data pool; one of other settings is rebuilt."""
-        from pipelines.latent_cache import CacheMismatchError, build_cache
+        from pipelines.latent_cache import build_cache
+        from pipelines.sharded_build import PlanMismatchError
         from ray_jobs.cache import cache_settings
 
         t0 = time.perf_counter()
@@ -310,7 +311,7 @@ class Context:
 
         try:
             build()
-        except CacheMismatchError:
+        except PlanMismatchError:
             logger.info("%s was built with other settings: rebuilding it", cfg.cache_dir)
             shutil.rmtree(cfg.cache_dir)
             build()

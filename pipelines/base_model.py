@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefopt_core.config import TOY_BASE, RunConfig
+from prefopt_core.config import TOY_BASE, ConfigError, RunConfig
 
 
 def prepare_base_model(cfg: RunConfig) -> Path:
     """The pretrained pipeline directory of ``cfg``, building it first where ``model.pretrained`` asks for a
-    built one. Raises ``FileNotFoundError`` (with the fix) when a path is not a diffusers pipeline."""
+    built one. Raises :class:`ConfigError` (with the fix) when a path is not a diffusers pipeline."""
     if cfg.model.pretrained == TOY_BASE:
         from pipelines.toy_base import build_toy_base
 
@@ -31,7 +31,7 @@ def prepare_base_model(cfg: RunConfig) -> Path:
         )
     path = cfg.base_model_dir
     if not (path / "model_index.json").exists():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"model.pretrained={cfg.model.pretrained!r} is not a local diffusers pipeline directory; download it "
             "first (e.g. `huggingface-cli download <id> --local-dir DIR`) and pass the directory"
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from pipelines.latent_cache import split_columns
+from pipelines.cache_format import split_columns
 from pipelines.tensor_columns import to_tensor
 from prefopt_core.objective import PreferenceBatch
 

@@ -65,30 +65,35 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from pipelines.latent_cache import (
+from pipelines.cache_format import (
     CACHE_FORMAT,
-    MANIFEST,
-    PLAN,
-    SHAPES_KEY,
-    CacheMismatchError,
-    atomic_write_json,
-    atomic_write_table,
+    SHARDS_DIR,
+    cache_build,
+    cache_file,
     model_fingerprint,
-    pair_key,
     write_manifest,
 )
-from pipelines.plan import fingerprint_diff
-from pipelines.tensor_columns import to_column
+from pipelines.online_pairs import (
+    SKIP_REASONS,
+    SKIPPED_DIR,
+    SKIPPED_SCHEMA,
+    ChunkResult,
+    PairChoice,
+    kept_table,
+    online_statistics,
+    pair_best_worst,
+    skipped_table,
+    unkeep,
+)
+from pipelines.sharded_build import atomic_write_table, run_actor_pool
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +103,6 @@ MAX_PROMPTS = 10**6
 MAX_ROUNDS = 10**3
 #: Largest run seed whose sample seeds still fit an int64 column.
 MAX_RUN_SEED = (2**63 - MAX_ROUNDS * MAX_PROMPTS * MAX_SAMPLES) // (MAX_ROUNDS * MAX_PROMPTS * MAX_SAMPLES)
-
-SkipReason = Literal["margin_below_threshold", "nonfinite_samples", "nonfinite_conditioning"]
-SKIP_REASONS: tuple[str, ...] = get_args(SkipReason)
-#: Folder of the prompts that gave no pair (one file per chunk, like the shards).
-SKIPPED_DIR = "skipped"
-SHARDS_DIR = "shards"
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -176,43 +175,6 @@ class OnlineSettings:
         return f"online:r{self.round}:{self.policy or 'base'}"
 
 
-# ---------------------------------------------------------------------------------------------- pairing
-@dataclass(frozen=True)
-class PairChoice:
-    """The decision for one prompt. ``best``/``worst`` are sample indices (-1 when undefined)."""
-
-    best: int
-    worst: int
-    margin: float  # score[best] - score[worst]; NaN when fewer than two usable samples
-    kept: bool
-    reason: str  # "kept" or a SkipReason
-
-
-def pair_best_worst(scores: np.ndarray, min_margin: float) -> list[PairChoice]:
-    """``(P, K)`` scores -> one :class:`PairChoice` per prompt.
-
-    A non-finite score marks an unusable sample (the caller sets NaN for samples with non-finite latents).
-    Among the usable samples, ``best`` is the first index of the maximum, ``worst`` the first index of the
-    minimum; kept iff ``margin = score[best] - score[worst] > min_margin`` (strict). Fewer than two usable
-    samples: ``nonfinite_samples``; otherwise not kept: ``margin_below_threshold``.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[1] < 2:
-        raise ValueError(f"scores must be (P, K) with K >= 2, got shape {scores.shape}")
-    out = []
-    for row in scores:
-        usable = np.isfinite(row)
-        if usable.sum() < 2:
-            out.append(PairChoice(-1, -1, math.nan, False, "nonfinite_samples"))
-            continue
-        best = int(np.argmax(np.where(usable, row, -np.inf)))
-        worst = int(np.argmin(np.where(usable, row, np.inf)))
-        margin = float(row[best] - row[worst])
-        kept = margin > min_margin
-        out.append(PairChoice(best, worst, margin, kept, "kept" if kept else "margin_below_threshold"))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- sampling
 def _call_kwargs(family: str, max_sequence_length: int) -> dict[str, Any]:
     return {"max_sequence_length": max_sequence_length} if family == "sd3" else {}
@@ -267,125 +229,6 @@ def decode_latents(pipe, latents: torch.Tensor) -> list:
     raw = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
     images = vae.decode(raw, return_dict=False)[0]
     return pipe.image_processor.postprocess(images, output_type="pil")
-
-
-# ---------------------------------------------------------------------------------------------- rows
-@dataclass
-class ChunkResult:
-    """What one chunk produced: the decisions and per-sample data of its prompts, in prompt order."""
-
-    prompt_indices: list[int]
-    captions: list[str]
-    seeds: np.ndarray  # (P, K) int64
-    scores: np.ndarray  # (P, K) float64, NaN for unusable samples
-    choices: list[PairChoice]
-    latents_w: list[torch.Tensor]  # one (C, h, w) per kept prompt, in prompt order
-    latents_l: list[torch.Tensor]
-
-
-def kept_table(
-    result: ChunkResult,
-    settings: OnlineSettings,
-    cond: dict[str, torch.Tensor],
-    side: dict[str, torch.Tensor],
-) -> pa.Table:
-    """Latent-cache rows of the kept pairs (``cond``: per-caption conditioning ``(B, ...)``; ``side``:
-    per-side conditioning ``{"<name>_w"|"<name>_l": (B, ...)}``), with ``prefopt.shapes`` metadata."""
-    kept = [i for i, c in enumerate(result.choices) if c.kept]
-    n, res = len(kept), settings.resolution
-    pair_ids = [f"online-r{settings.round}:{result.prompt_indices[i]}" for i in kept]
-    lat_w, lat_l = torch.stack(result.latents_w), torch.stack(result.latents_l)  # (B, C, h, w)
-    best = [result.choices[i].best for i in kept]
-    worst = [result.choices[i].worst for i in kept]
-    full = np.full((n, 2), res, np.int64)  # original size (h, w): the sample is the whole image
-    zeros = np.zeros((n, 2), np.int64)  # crop top-left: no crop
-    columns: dict[str, Any] = {
-        "pair_id": pa.array(pair_ids, pa.string()),
-        "pair_key": pa.array([pair_key(p) for p in pair_ids], pa.int64()),
-        "caption": pa.array([result.captions[i] for i in kept], pa.string()),
-        "source": pa.array([settings.source] * n, pa.string()),
-        "row_index": pa.array([result.prompt_indices[i] for i in kept], pa.int64()),
-        "label_w": pa.array([1.0] * n, pa.float64()),
-        "label_l": pa.array([0.0] * n, pa.float64()),
-        "is_tie": pa.array([False] * n, pa.bool_()),
-        "swapped": pa.array([False] * n, pa.bool_()),
-        "original_size_w": to_column(full),
-        "original_size_l": to_column(full),
-        "crop_top_left": to_column(zeros),
-        "crop_top_left_l": to_column(zeros),
-        "flipped": pa.array([False] * n, pa.bool_()),
-        "latents_w": to_column(lat_w),
-        "latents_l": to_column(lat_l),
-        **{name: to_column(value) for name, value in cond.items()},
-        **{name: to_column(value) for name, value in side.items()},
-        "round": pa.array([settings.round] * n, pa.int64()),
-        "score_w": pa.array([result.scores[i, b] for i, b in zip(kept, best)], pa.float64()),
-        "score_l": pa.array([result.scores[i, w] for i, w in zip(kept, worst)], pa.float64()),
-        "seed_w": pa.array([int(result.seeds[i, b]) for i, b in zip(kept, best)], pa.int64()),
-        "seed_l": pa.array([int(result.seeds[i, w]) for i, w in zip(kept, worst)], pa.int64()),
-        "scores": pa.array([result.scores[i].tolist() for i in kept], pa.list_(pa.float64())),
-        "seeds": pa.array([result.seeds[i].tolist() for i in kept], pa.list_(pa.int64())),
-    }
-    shapes = {name: list(_row_shape(v)) for name, v in [("latents_w", lat_w), ("latents_l", lat_l)]}
-    shapes.update({name: list(_row_shape(v)) for name, v in [*cond.items(), *side.items()]})
-    shapes.update(original_size_w=[2], original_size_l=[2], crop_top_left=[2], crop_top_left_l=[2])
-    table = pa.table(columns)
-    return table.replace_schema_metadata({SHAPES_KEY: json.dumps(shapes, sort_keys=True)})
-
-
-def _row_shape(value: torch.Tensor) -> tuple[int, ...]:
-    return tuple(value.shape[1:]) if value.ndim > 1 else (1,)
-
-
-SKIPPED_SCHEMA = pa.schema(
-    [
-        pa.field("pair_id", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("row_index", pa.int64()),  # prompt index
-        pa.field("round", pa.int64()),
-        pa.field("reason", pa.string()),  # one of SKIP_REASONS
-        pa.field("margin", pa.float64()),  # score_best - score_worst (NaN if undefined)
-        pa.field("score_best", pa.float64()),
-        pa.field("score_worst", pa.float64()),
-        pa.field("seed_best", pa.int64()),  # -1 if undefined
-        pa.field("seed_worst", pa.int64()),
-        pa.field("scores", pa.list_(pa.float64())),  # (K,) per sample, NaN = unusable
-        pa.field("seeds", pa.list_(pa.int64())),  # (K,) regenerate any sample from these
-    ]
-)
-
-
-def skipped_table(result: ChunkResult, settings: OnlineSettings) -> pa.Table:
-    """One row (``SKIPPED_SCHEMA``) per prompt that gave no pair."""
-    rows = []
-    for i, c in enumerate(result.choices):
-        if c.kept:
-            continue
-        defined = c.best >= 0
-        rows.append(
-            {
-                "pair_id": f"online-r{settings.round}:{result.prompt_indices[i]}",
-                "caption": result.captions[i],
-                "source": settings.source,
-                "row_index": result.prompt_indices[i],
-                "round": settings.round,
-                "reason": c.reason,
-                "margin": c.margin,
-                "score_best": float(result.scores[i, c.best]) if defined else math.nan,
-                "score_worst": float(result.scores[i, c.worst]) if defined else math.nan,
-                "seed_best": int(result.seeds[i, c.best]) if defined else -1,
-                "seed_worst": int(result.seeds[i, c.worst]) if defined else -1,
-                "scores": result.scores[i].tolist(),
-                "seeds": result.seeds[i].tolist(),
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=SKIPPED_SCHEMA)
-
-
-def chunk_file(kind: str, chunk: int, first_row: int) -> str:
-    """``shards/f000002-r000000064.parquet``: the naming of :mod:`pipelines.latent_cache`."""
-    return f"{kind}/f{chunk:06d}-r{first_row:09d}.parquet"
 
 
 # ---------------------------------------------------------------------------------------------- actor
@@ -474,22 +317,11 @@ class OnlineSampler:
                 side = self.adapter.side_conditioning(full, zeros, res)  # the same for both sides
                 side = {f"{name}_{s}": value for name, value in side.items() for s in ("w", "l")}
                 table = kept_table(result, self.settings, cond, side)
-                atomic_write_table(table, self.cache_dir / chunk_file(SHARDS_DIR, chunk, start))
+                atomic_write_table(table, cache_file(self.cache_dir, SHARDS_DIR, chunk, start))
         skipped = skipped_table(result, self.settings)
         if skipped.num_rows:
-            atomic_write_table(skipped, self.cache_dir / chunk_file(SKIPPED_DIR, chunk, start))
+            atomic_write_table(skipped, cache_file(self.cache_dir, SKIPPED_DIR, chunk, start))
         return len(prompts) - skipped.num_rows, skipped.num_rows
-
-
-def unkeep(result: ChunkResult, prompts: list[int], reason: str) -> None:
-    """Turn the kept pairs of the chunk positions ``prompts`` into skipped ones with ``reason`` (in place)."""
-    drop = set(prompts)
-    kept = [i for i, c in enumerate(result.choices) if c.kept]
-    result.latents_w = [t for i, t in zip(kept, result.latents_w) if i not in drop]
-    result.latents_l = [t for i, t in zip(kept, result.latents_l) if i not in drop]
-    for i in drop:
-        c = result.choices[i]
-        result.choices[i] = PairChoice(c.best, c.worst, c.margin, False, reason)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -522,155 +354,85 @@ def plan_fingerprint(settings: OnlineSettings, adapter, prompts: list[str]) -> d
     }
 
 
-def _chunks(prompts: list[str], rows_per_shard: int) -> list[tuple[int, list[str]]]:
-    return [(i, prompts[i : i + rows_per_shard]) for i in range(0, len(prompts), rows_per_shard)]
-
-
-def _rows_by_chunk(cache_dir: Path) -> dict[int, set[int]]:
-    """Prompt indices present (kept or skipped) per chunk index, from the files on disk."""
-    present: dict[int, set[int]] = {}
-    for kind in (SHARDS_DIR, SKIPPED_DIR):
-        for f in sorted((cache_dir / kind).glob("f*.parquet")):
-            rows = pq.read_table(f, columns=["row_index"])["row_index"].to_pylist()
-            present.setdefault(int(f.name[1:7]), set()).update(rows)
-    return present
-
-
-def pending_chunks(cache_dir: Path, chunks: list[tuple[int, list[str]]]) -> list[int]:
-    """Chunks not complete on disk; the files of incomplete chunks (and stray ones) are deleted."""
-    for tmp in cache_dir.rglob(".*.tmp"):  # left by a killed writer
-        tmp.unlink()
-    present = _rows_by_chunk(cache_dir)
-    pending = []
-    for c, (start, prompts) in enumerate(chunks):
-        if present.get(c) != set(range(start, start + len(prompts))):
-            pending.append(c)
-    known = set(range(len(chunks))) - set(pending)
-    for kind in (SHARDS_DIR, SKIPPED_DIR):
-        for f in (cache_dir / kind).glob("f*.parquet"):
-            if int(f.name[1:7]) not in known:
-                f.unlink()
-    return pending
-
-
-def _check_plan(cache_dir: Path, fp: dict[str, Any], source: str) -> None:
-    """Write ``plan.json`` on a fresh directory; refuse one made with another plan."""
-    plan_path = cache_dir / PLAN
-    if plan_path.exists():
-        old = json.loads(plan_path.read_text())["fingerprint"]
-        if old != fp:
-            diff = fingerprint_diff(old, fp)
-            raise CacheMismatchError(
-                f"{cache_dir} holds an online cache made with other settings, policy or prompts (differs in: "
-                f"{', '.join(diff)}); use another directory or delete this one"
-            )
-        return
-    atomic_write_json({"fingerprint": fp, "source": source}, plan_path)
-
-
-def _skipped_stats(cache_dir: Path) -> tuple[list[str], Counter[str], list[float]]:
-    files = sorted(p.relative_to(cache_dir).as_posix() for p in (cache_dir / SKIPPED_DIR).glob("f*.parquet"))
-    reasons: Counter[str] = Counter()
-    all_scores: list[float] = []
-    for f in files:
-        t = pq.read_table(cache_dir / f, columns=["reason", "scores"])
-        reasons.update(t["reason"].to_pylist())
-        all_scores += [x for row in t["scores"].to_pylist() for x in row]
-    return files, reasons, all_scores
-
-
-def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
-
-
-def online_statistics(cache_dir: Path, manifest_files: list[str]) -> dict[str, Any]:
-    """Counts and score statistics of a finished round (``None`` for a mean over nothing)."""
-    score_w, score_l, all_scores = [], [], []
-    for f in manifest_files:
-        t = pq.read_table(cache_dir / f, columns=["score_w", "score_l", "scores"])
-        score_w += t["score_w"].to_pylist()
-        score_l += t["score_l"].to_pylist()
-        all_scores += [x for row in t["scores"].to_pylist() for x in row]
-    skipped_files, reasons, skipped_scores = _skipped_stats(cache_dir)
-    margins = [w - l_ for w, l_ in zip(score_w, score_l)]
+def _round_manifest(
+    settings: OnlineSettings, stats: dict[str, Any], num_prompts: int, num_chunks: int, generated: int
+) -> dict[str, Any]:
+    """The online round's own manifest keys (``stats``: :func:`online_statistics` of the round)."""
+    stats = dict(stats)
     return {
-        "pairs_kept": len(score_w),
-        "pairs_skipped": sum(reasons.values()),
-        "skipped": {r: reasons.get(r, 0) for r in SKIP_REASONS},
-        "skipped_files": skipped_files,
-        "score_chosen_mean": _mean(score_w),
-        "score_rejected_mean": _mean(score_l),
-        "margin_mean": _mean(margins),
-        "score_mean": _mean(all_scores + skipped_scores),
+        "num_skipped": stats["pairs_skipped"],
+        "skipped": stats["skipped"],
+        "skipped_files": stats.pop("skipped_files"),
+        "chunks_generated": generated,
+        "chunks_skipped": num_chunks - generated,
+        "online": {
+            "round": settings.round,
+            "policy": settings.policy,
+            "samples_per_prompt": settings.samples_per_prompt,
+            "min_margin": settings.min_margin,
+            "scorer": settings.scorer,
+            "num_prompts": num_prompts,
+            **stats,
+        },
     }
 
 
 def generate_online_cache(
     prompts: list[str],
     *,
-    cache_dir: str | Path,
     settings: OnlineSettings,
-    num_actors: int = 1,
+    cache_dir: str | Path,
     cpus_per_actor: float = 1.0,
+    num_actors: int = 1,
 ) -> dict[str, Any]:
     """Sample (or finish) one online round into ``cache_dir``; returns the manifest. Ray must be initialised.
+    Progress (prompts done/total, kept, skipped, ETA) is logged on the ``prefopt.progress`` logger.
 
     The manifest is ``latent_cache.write_manifest``'s plus ``num_skipped``, ``skipped`` (per reason),
     ``skipped_files``, ``chunks_generated``/``chunks_skipped`` (this call) and ``online`` (settings and score
     statistics of :func:`online_statistics`).
     """
-    import ray
-
     from prefopt_core.models.registry import adapter_for
 
     if not prompts:
         raise ValueError("no prompts to sample from")
-    cache_dir = Path(cache_dir).expanduser().resolve()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fp = plan_fingerprint(settings, adapter_for(settings, settings.base_model_dir), prompts)
-    _check_plan(cache_dir, fp, settings.source)
-    chunks = _chunks(prompts, settings.rows_per_shard)
-    pending = pending_chunks(cache_dir, chunks)
-    logger.info(
-        "online round %d -> %s: %d prompts x %d samples in %d chunk(s), %d done, %d to sample",
-        settings.round,
-        cache_dir,
-        len(prompts),
-        settings.samples_per_prompt,
-        len(chunks),
-        len(chunks) - len(pending),
-        len(pending),
+    build = cache_build(
+        Path(cache_dir).expanduser().resolve(),
+        build="online",
+        dir_key="round directory",
+        other_kind=SKIPPED_DIR,
+        unit_name="prompts",
     )
+    cache_dir = build.root
+    fp = plan_fingerprint(settings, adapter_for(settings, settings.base_model_dir), prompts)
+    build.open(fp, source=settings.source)
+    chunks = [
+        (i, prompts[i : i + settings.rows_per_shard]) for i in range(0, len(prompts), settings.rows_per_shard)
+    ]
+    units = [range(start, start + len(part)) for start, part in chunks]
+    pending, progress = build.start(units)
+    logger.info("online round %d: %d samples per prompt", settings.round, settings.samples_per_prompt)
     t0 = time.perf_counter()
     rows_done = 0
     if pending:
-        (cache_dir / MANIFEST).unlink(missing_ok=True)  # a manifest only ever describes a complete cache
-        specs = [{"chunk": c, "start": chunks[c][0], "prompts": json.dumps(chunks[c][1])} for c in pending]
-        ds = ray.data.from_items(specs, override_num_blocks=len(specs))
-        ds = ds.map_batches(
+        ds = run_actor_pool(
+            [{"chunk": c, "start": chunks[c][0], "prompts": json.dumps(chunks[c][1])} for c in pending],
             OnlineSampler,
-            fn_constructor_kwargs={"settings": asdict(settings), "cache_dir": str(cache_dir)},
-            batch_size=1,
-            batch_format="pyarrow",
-            concurrency=num_actors,
-            num_cpus=cpus_per_actor,
-            num_gpus=1 if ray.cluster_resources().get("GPU", 0) > 0 else 0,
+            {"settings": asdict(settings), "cache_dir": str(cache_dir)},
+            num_actors=num_actors,
+            cpus_per_actor=cpus_per_actor,
         )
+        kept = skipped = 0
         for stat in ds.iter_rows():
-            rows_done += int(stat["kept"]) + int(stat["skipped"])
-            logger.info(
-                "online: chunk %d written (%d kept, %d skipped; %.2f prompts/s)",
-                stat["chunk"],
-                stat["kept"],
-                stat["skipped"],
-                rows_done / (time.perf_counter() - t0),
-            )
+            kept, skipped = kept + int(stat["kept"]), skipped + int(stat["skipped"])
+            progress.update(int(stat["kept"]) + int(stat["skipped"]), kept=kept, skipped=skipped)
+        rows_done = kept + skipped
     elapsed = time.perf_counter() - t0
-    missing = pending_chunks(cache_dir, chunks)
-    if missing:
-        raise RuntimeError(f"online sampling ended with incomplete chunk(s) {missing[:5]}; rerun to finish")
-    stats = online_statistics(cache_dir, _shard_files(cache_dir))
+    build.finish(units)
+    progress.finish()
+    stats = online_statistics(
+        cache_dir, [f.relative_to(cache_dir).as_posix() for f in build.files(SHARDS_DIR)]
+    )
     manifest = write_manifest(
         cache_dir,
         fp,
@@ -679,22 +441,7 @@ def generate_online_cache(
         num_input_rows=len(prompts),
         elapsed=elapsed,
         rows_done=rows_done,
-        extra={
-            "num_skipped": stats["pairs_skipped"],
-            "skipped": stats["skipped"],
-            "skipped_files": stats.pop("skipped_files"),
-            "chunks_generated": len(pending),
-            "chunks_skipped": len(chunks) - len(pending),
-            "online": {
-                "round": settings.round,
-                "policy": settings.policy,
-                "samples_per_prompt": settings.samples_per_prompt,
-                "min_margin": settings.min_margin,
-                "scorer": settings.scorer,
-                "num_prompts": len(prompts),
-                **stats,
-            },
-        },
+        extra=_round_manifest(settings, stats, len(prompts), len(chunks), len(pending)),
     )
     logger.info(
         "online round %d: %d pairs kept, %d skipped %s, chosen/rejected score %s / %s",
@@ -706,10 +453,6 @@ def generate_online_cache(
         stats["score_rejected_mean"],
     )
     return manifest
-
-
-def _shard_files(cache_dir: Path) -> list[str]:
-    return sorted(p.relative_to(cache_dir).as_posix() for p in (cache_dir / SHARDS_DIR).glob("f*.parquet"))
 
 
 __all__ = [

@@ -37,7 +37,7 @@ def resolve_data_source(cfg: RunConfig) -> str:
 
 
 def cache_settings(cfg: RunConfig, base_model_dir: Path):
-    from pipelines.latent_cache import CacheSettings
+    from pipelines.cache_format import CacheSettings
 
     return CacheSettings(
         family=cfg.model.family,

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.cache_format import CacheMismatchError
+from pipelines.sharded_build import PlanMismatchError
 from prefopt_core.config import ConfigError, RunConfig
 from ray_jobs import compare, config_help, console, preflight
 from ray_jobs.compare import CompareError
@@ -113,6 +115,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     preflight.PreflightError,
     CompareError,
     UserError,
+    PlanMismatchError,
+    CacheMismatchError,
 )
 
 

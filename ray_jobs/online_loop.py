@@ -76,7 +76,7 @@ class RoundPaths:
 def resolve_prompts(cfg: RunConfig) -> list[str]:
     """``online.prompts`` (text file or parquet ``caption``), else the toy-world captions; the first
     ``online.num_prompts``."""
-    from pipelines.regenerate import load_prompts, toy_world_prompts
+    from pipelines.prompts import load_prompts, toy_world_prompts
 
     o = cfg.online
     if o.prompts:
@@ -235,8 +235,8 @@ def run_round(
     cfg: RunConfig, round_index: int, base: Path, policy: str | None, prompts: list[str], parent: str | None
 ) -> RoundResult:
     """Pairs from ``policy`` -> train -> eval, as a nested MLflow run; writes ``round_summary.json`` last."""
-    from pipelines.latent_cache import atomic_write_json
     from pipelines.online import generate_online_cache
+    from pipelines.sharded_build import atomic_write_json
     from ray_jobs import tracking
     from ray_jobs.evaluate import run_eval
     from ray_jobs.training.driver import run_training

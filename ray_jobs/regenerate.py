@@ -37,7 +37,7 @@ def output_dir(cfg: RunConfig) -> Path:
 
 def resolve_prompts(cfg: RunConfig) -> tuple[list[str], str]:
     """``(prompts, description of their source)``; toy-world captions when ``regenerate.prompts`` is None."""
-    from pipelines.regenerate import load_prompts, toy_world_prompts
+    from pipelines.prompts import load_prompts, toy_world_prompts
 
     r = cfg.regenerate
     if r.prompts:
@@ -54,7 +54,7 @@ def resolve_prompts(cfg: RunConfig) -> tuple[list[str], str]:
 
 def regenerate_settings(cfg: RunConfig, base_model_dir: Path):
     """The :class:`pipelines.regenerate.RegenerateSettings` of a run (templates validated)."""
-    from pipelines.regenerate import RegenerateSettings, resolve_templates
+    from pipelines.regenerate_plan import RegenerateSettings, resolve_templates
 
     r = cfg.regenerate
     chosen, rejected = resolve_templates(r.preset, r.chosen_template, r.rejected_template, r.rejected_prefix)
@@ -91,7 +91,8 @@ def _resolved_config(cfg: RunConfig, out: Path) -> str:
 def run_regenerate(cfg: RunConfig) -> dict:
     """Generate (or finish) the preference dataset of ``cfg``; returns (and writes) the summary."""
     from pipelines.base_model import prepare_base_model
-    from pipelines.regenerate import generate_dataset, resolve_templates
+    from pipelines.regenerate import generate_dataset
+    from pipelines.regenerate_plan import resolve_templates
     from ray_jobs.cluster import ensure_ray
 
     r = cfg.regenerate

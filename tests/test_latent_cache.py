@@ -18,6 +18,7 @@ from pipelines.latent_cache import (
     read_manifest,
 )
 from pipelines.schema import make_pair_id, make_source_key, pair_rng
+from pipelines.sharded_build import PlanMismatchError
 from pipelines.synthetic import synthetic_rows, write_synthetic_pickapic
 from pipelines.tensor_columns import from_column
 from pipelines.transforms import TransformConfig, transform_pair
@@ -166,7 +167,7 @@ def test_resume_after_encoder_failure_gives_identical_pairs(tmp_path, reference_
 def test_mismatched_cache_is_refused(reference_cache, tiny_sd3):
     """A cache dir is never mixed across settings, and training refuses other encoders/resolutions."""
     source, cache, manifest = reference_cache
-    with pytest.raises(CacheMismatchError, match="other settings"):
+    with pytest.raises(PlanMismatchError, match="other settings"):
         build_cache(
             source=str(source),
             cache_dir=cache,

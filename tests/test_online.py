@@ -30,6 +30,7 @@ from pipelines.latent_cache import (
 )
 from pipelines.online import OnlineSettings, generate_online_cache, pair_best_worst, sample_seed
 from pipelines.rewards import BrightnessScorer
+from pipelines.sharded_build import PlanMismatchError
 from prefopt_core.config import ConfigError, load_config
 from prefopt_core.models.sd3 import SD3Adapter
 
@@ -289,7 +290,7 @@ def test_resume_samples_only_incomplete_chunks(round0, tmp_path, tiny_sd3):
     assert sorted(after) == sorted(before)
     assert {kind: _rows(cache, kind) for kind in ("shards", "skipped")} == rows_before
     assert manifest["files"] == manifest0["files"] and manifest["num_pairs"] == manifest0["num_pairs"]
-    with pytest.raises(CacheMismatchError, match="min_margin"):
+    with pytest.raises(PlanMismatchError, match="min_margin"):
         generate_online_cache(PROMPTS, cache_dir=cache, settings=replace(settings, min_margin=0.5))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -18,15 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.regenerate import (
-    PRESET_NAMES,
-    RegenerateMismatchError,
-    RegenerateSettings,
-    generate_dataset,
-    load_prompts,
-    read_card_metadata,
-    resolve_templates,
-)
+from pipelines.dataset_card import read_card_metadata
+from pipelines.progress import PROGRESS_LOGGER
+from pipelines.prompts import load_prompts
+from pipelines.regenerate import generate_dataset
+from pipelines.regenerate_plan import PRESET_NAMES, RegenerateSettings, resolve_templates
+from pipelines.sharded_build import PlanMismatchError
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a pink square"]
 ROWS_PER_SHARD = 2  # 5 prompts -> chunks [0, 1], [2, 3], [4]
@@ -164,7 +162,7 @@ def test_a_foreign_directory_is_refused(tiny_sd3, tmp_path):
     """Parquet files under data/ without our plan.json: never mixed with (or overwritten by) a new run."""
     (tmp_path / "data").mkdir()
     pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "data" / "part-00000.parquet")
-    with pytest.raises(RegenerateMismatchError, match="not a prefopt regenerate output"):
+    with pytest.raises(PlanMismatchError, match="not a prefopt regenerate output"):
         generate_dataset(PROMPTS, output_dir=tmp_path, settings=_settings(tiny_sd3, "pick-style-cartoon"))
     assert pq.read_table(tmp_path / "data" / "part-00000.parquet").num_rows == 1
 
@@ -213,6 +211,18 @@ def test_pick_safety_from_text_file(tiny_sd3, ray_cluster, tmp_path):
     expected = ["a red circle", "a blue square", "a green triangle"]
     _check_pairs(rows, expected, expected, rejected, [1_000_000, 1_000_001, 1_000_002])
     _check_card(out, "pick-safety", 3, tmp_path)
+
+
+@pytest.mark.slow
+def test_build_logs_progress_up_to_the_total(tiny_sd3, ray_cluster, tmp_path, caplog):
+    """2 prompts in chunks of ROWS_PER_SHARD = 2 -> one chunk; every progress record counts prompts of a
+    total of 2, and the last one says all 2 are done."""
+    settings = _settings(tiny_sd3, "pick-style-cartoon")
+    caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
+    generate_dataset(PROMPTS[:2], output_dir=tmp_path / "out", settings=settings)
+    records = [r.progress for r in caplog.records if r.name == PROGRESS_LOGGER]
+    assert records and {(r["task"], r["unit"], r["total"]) for r in records} == {("regenerate", "prompts", 2)}
+    assert records[-1]["done"] == 2
 
 
 @pytest.mark.slow
@@ -290,9 +300,9 @@ def test_rerun_after_a_kill_gives_the_uninterrupted_rows(cartoon, tiny_sd3, tmp_
 
     again = generate_dataset(PROMPTS, output_dir=out, settings=settings)  # complete: nothing to do
     assert (again["chunks_skipped"], again["chunks_generated"]) == (3, 0)
-    with pytest.raises(RegenerateMismatchError, match=r"settings\.num_inference_steps"):
+    with pytest.raises(PlanMismatchError, match=r"settings\.num_inference_steps"):
         generate_dataset(PROMPTS, output_dir=out, settings=_settings(tiny_sd3, "pick-style-cartoon", steps=3))
-    with pytest.raises(RegenerateMismatchError, match="pairs_sha1"):
+    with pytest.raises(PlanMismatchError, match="pairs_sha1"):
         generate_dataset([*PROMPTS[:4], "a cyan circle"], output_dir=out, settings=settings)
 
 

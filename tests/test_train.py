@@ -27,7 +27,7 @@ import torch
 
 from pipelines.cache_reader import batch_from_table
 from pipelines.latent_cache import read_manifest
-from prefopt_core.config import load_config
+from prefopt_core.config import ConfigError, load_config
 from prefopt_core.models.sd3 import SD3Adapter
 from prefopt_core.objective import PreferenceObjective
 from prefopt_core.timesteps import TimestepConfig
@@ -207,7 +207,7 @@ def test_require_resume_without_checkpoint_fails_loudly(tmp_path, tiny_sd3, cach
         ROOT / "configs/demo.yaml",
         [*train_overrides(tmp_path, tiny_sd3, cache8, "nothing-here"), "train.resume=require"],
     )
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         run_training(cfg)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.base_model import prepare_base_model
-from prefopt_core.config import RunConfig, flatten
+from prefopt_core.config import ConfigError, RunConfig, flatten
 from ray_jobs.training import recipe as recipe_module
 from ray_jobs.training.recipe import RecipeInputs
 
@@ -96,19 +96,19 @@ def check_precomputed(cfg: RunConfig, manifest: dict) -> None:
     cached = manifest["fingerprint"]["settings"].get("precompute")
     wanted = precompute_settings(cfg)
     if cached is None:
-        raise ValueError(
+        raise ConfigError(
             "reference.strategy=precomputed but the cache holds no reference errors; rebuild it with "
             "`prefopt cache CONFIG reference.strategy=precomputed cache.dir=<new dir>`"
         )
     differs = sorted(k for k in wanted if k != "epochs" and cached.get(k) != wanted[k])
     if differs or manifest["fingerprint"]["settings"]["seed"] != cfg.run.seed:
-        raise ValueError(
+        raise ConfigError(
             f"the cache's reference errors were drawn with other settings ({', '.join(differs) or 'run.seed'}); "
             "rebuild the cache with this config"
         )
     need = epochs_needed(cfg, manifest["num_pairs"])
     if cached["epochs"] < need:
-        raise ValueError(
+        raise ConfigError(
             f"this run reaches {need} epoch(s) but the cache holds reference errors for {cached['epochs']}; "
             f"rebuild it with reference.precompute_epochs={need}"
         )
@@ -117,7 +117,8 @@ def check_precomputed(cfg: RunConfig, manifest: dict) -> None:
 def check_inputs(cfg: RunConfig) -> tuple[Path, dict, Any]:
     """Everything that must hold before a worker starts: the base model, a cache built for it with at
     least one batch per worker, precomputed errors that match, a checkpoint if ``resume=require``.
-    Returns ``(base model dir, cache manifest, model adapter)``."""
+    Returns ``(base model dir, cache manifest, model adapter)``; what the user must fix raises
+    :class:`ConfigError` (or the cache's own mismatch errors), with the fix in the message."""
     from pipelines.latent_cache import check_cache_matches, model_fingerprint, read_manifest
     from prefopt_core.models.registry import adapter_for
 
@@ -126,7 +127,7 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, dict, Any]:
     adapter = adapter_for(cfg.model, base)
     check_cache_matches(manifest, model_fingerprint(adapter), cfg.model.resolution, cfg.cache_dir)
     if manifest["num_pairs"] < cfg.train.batch_size * cfg.train.num_workers:
-        raise ValueError(
+        raise ConfigError(
             f"the cache holds {manifest['num_pairs']} pairs, fewer than one batch per worker "
             f"({cfg.train.batch_size} x {cfg.train.num_workers})"
         )
@@ -136,7 +137,7 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, dict, Any]:
     if cfg.train.resume == "never" and (storage / cfg.run.name).exists():
         shutil.rmtree(storage / cfg.run.name)
     if cfg.train.resume == "require" and not any((storage / cfg.run.name).glob("step_*")):
-        raise FileNotFoundError(
+        raise ConfigError(
             f"train.resume=require but run {cfg.run.name!r} has no checkpoint under {storage / cfg.run.name}; "
             "check run.name and run.workdir, or use train.resume=auto to start from step 0"
         )
