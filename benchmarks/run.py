@@ -477,7 +477,8 @@ def on_the_fly_batches(cfg, source: str, adapter, batch_size: int) -> Iterator[t
     import torch
 
     from pipelines.latent_cache import pair_key
-    from pipelines.pickapic import resolve_source, validate_and_canonicalize
+    from pipelines.pair_validation import validate_and_canonicalize
+    from pipelines.pickapic import resolve_source
     from pipelines.schema import pair_rng
     from pipelines.transforms import TransformConfig, transform_pair
     from prefopt_core.objective import PreferenceBatch

@@ -1,7 +1,7 @@
 """Stage 1 of the latent-cache build: one fragment of input rows -> validated, transformed pairs.
 
 A Ray Data task per fragment reads its rows (:class:`pipelines.pickapic.Fragment`), validates and
-canonicalises them (:func:`pipelines.pickapic.validate_and_canonicalize`), crops/resizes/flips both images
+canonicalises them (:func:`pipelines.pair_validation.validate_and_canonicalize`), crops/resizes/flips both images
 (:func:`pipelines.transforms.transform_pair`) and returns the good pairs with ``(3, R, R)`` uint8 pixels
 for the encoder actors. Bad rows never reach the encoders: they are written, atomically, to the fragment's
 quarantine files (``quarantine/fNNNNNN-rRRRRRRRRR.parquet`` for validation, ``...-transform.parquet``
@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.cache_format import QUARANTINE_DIR, CacheSettings, cache_file, pair_key
-from pipelines.pickapic import Fragment, validate_and_canonicalize
+from pipelines.pair_validation import validate_and_canonicalize
+from pipelines.pickapic import Fragment
 from pipelines.schema import QUARANTINE_SCHEMA, pair_rng
 from pipelines.sharded_build import atomic_write_table
 from pipelines.tensor_columns import to_column

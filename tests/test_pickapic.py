@@ -12,15 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import ImageFile
 
-from pipelines import pickapic
+from pipelines import pair_validation, pickapic
+from pipelines.pair_validation import quarantine_counts, validate_and_canonicalize
 from pipelines.pickapic import (
     Fragment,
     MissingColumnError,
     SourceNotFoundError,
     check_columns,
-    quarantine_counts,
     resolve_source,
-    validate_and_canonicalize,
 )
 from pipelines.schema import (
     MAPO_SCHEMA,
@@ -150,14 +149,14 @@ def test_mapo_int_labels_and_string_labels(tmp_path):
 
 def test_unexpected_exception_becomes_invalid_row(tmp_path, monkeypatch):
     path = write_pickapic_parquet(tmp_path / "x.parquet", [good_row(i, size=16) for i in range(3)])
-    real = pickapic._check_images
+    real = pair_validation._check_images
 
     def flaky(raw_0, raw_1, *args):
         if raw_0 == good_row(1, size=16)["jpg_0"]:
             raise RuntimeError("boom")
         return real(raw_0, raw_1, *args)
 
-    monkeypatch.setattr(pickapic, "_check_images", flaky)
+    monkeypatch.setattr(pair_validation, "_check_images", flaky)
     pairs, quarantine = run_all(path)
     assert pairs.column("row_index").to_pylist() == [0, 2]
     (q,) = quarantine.to_pylist()
