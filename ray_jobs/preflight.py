@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from prefopt_core.config import ConfigError, RunConfig, load_config, parse_override
+from prefopt_core.config import ConfigError, RunConfig, load_config
+from prefopt_core.config_keys import parse_override
 
 #: Seconds an http(s) tracking server gets to answer before the command gives up.
 TRACKING_TIMEOUT_S = 5.0
