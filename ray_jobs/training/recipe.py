@@ -91,7 +91,7 @@ class WorkerRecipe:
 
         from prefopt_core.models.base import adapter_for
         from prefopt_core.objective import PreferenceObjective
-        from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu
+        from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu, size_of
         from ray_jobs.training.lora import add_lora
         from ray_jobs.training.optim import build_optimizer
 
@@ -109,8 +109,12 @@ class WorkerRecipe:
             policy = add_lora(policy, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         policy.train()
         optimizer, scheduler = build_optimizer(policy, cfg.train)
+        self.model_size = size_of(policy, self.inputs.base_model_dir)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, self.world)
+            model=policy,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config(cfg, self.world, size=self.model_size),
         )
         self.objective = PreferenceObjective(
             self.adapter,
@@ -156,7 +160,7 @@ class WorkerRecipe:
         reference.requires_grad_(False).eval()
         if cfg.train.zero_stage == 3:
             ref_engine, *_ = deepspeed.initialize(
-                model=reference, config=ds_config(cfg, self.world, reference=True)
+                model=reference, config=ds_config(cfg, self.world, size=self.model_size, reference=True)
             )
             ref_engine.eval()
             return ref_engine.module
