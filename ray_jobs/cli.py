@@ -21,7 +21,7 @@ from prefopt_core.config import ConfigError, RunConfig, load_config
 
 logger = logging.getLogger("prefopt")
 
-COMMANDS = ("demo", "cache", "regenerate", "train", "online", "eval", "compare")
+COMMANDS = ("demo", "cache", "regenerate", "train", "online", "eval", "compare", "plan")
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail fast when the server is down
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if ns.command == "plan":
+        from ray_jobs.memory_plan import main as plan_main
+
+        return plan_main(args)
     if ns.command == "compare":
         from ray_jobs.compare import main as compare_main
 
