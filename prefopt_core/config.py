@@ -202,6 +202,17 @@ class TrainSection(_Section):
         None, ge=1, description="Fault injection (tests): raise once at this step."
     )
     eval_every: int = Field(10, ge=1, description="Steps between probe/KL/bin metrics.")
+    log_every: int = Field(
+        10,
+        ge=1,
+        description="Steps between metric syncs: per-step metrics stay on the device and are reduced and "
+        "logged (one MLflow entry per step) every log_every steps and at the end.",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Merged over the generated DeepSpeed config (e.g. {zero_optimization: "
+        "{overlap_comm: false}}); checked by DeepSpeed's config model before any worker starts.",
+    )
     resume: Literal["auto", "never", "require"] = Field(
         "auto", description="auto: resume if a checkpoint exists; require: fail loudly if none."
     )

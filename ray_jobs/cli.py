@@ -29,7 +29,7 @@ import yaml
 from pipelines.cache_format import CacheMismatchError
 from pipelines.sharded_build import PlanMismatchError
 from prefopt_core.config import ConfigError, RunConfig
-from ray_jobs import compare, config_help, console, preflight
+from ray_jobs import compare, config_help, console, memory_plan, preflight
 from ray_jobs.compare import CompareError
 
 #: Sections every Ray command reads.
@@ -95,6 +95,11 @@ COMMANDS: dict[str, Command] = {
             "compare",
             "compare MLflow runs of one command: final/best metrics, differing params, plots",
             ("tracking",),
+        ),
+        Command(
+            "plan",
+            "estimate per-worker memory and throughput of a config's training on GPUs, offline (meta device)",
+            ("model", "loss", "reference", "train"),
         ),
         Command(
             "config",
@@ -164,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         _global_flags(p, suppress=True)
         if cmd.name == "compare":
             compare.add_arguments(p)
+            continue
+        if cmd.name == "plan":
+            memory_plan.add_arguments(p)
             continue
         if cmd.name == "config":
             p.add_argument("action", choices=["show"], help="show: print the resolved config as YAML")
@@ -262,6 +270,8 @@ def _dispatch(ns: argparse.Namespace, options: console.ConsoleOptions) -> int:
     cmd = COMMANDS[ns.command_name]
     if cmd.name == "compare":
         return compare.run(ns)
+    if cmd.name == "plan":
+        return memory_plan.run(ns)
     cfg = load_run_config(cmd, ns.args)
     if cmd.name == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"), flush=True)
@@ -278,7 +288,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     unknown = [a for a in extra if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    positional = "config" if ns.command_name == "compare" else "args"
+    positional = {"compare": "config", "plan": "overrides"}.get(ns.command_name, "args")
     setattr(ns, positional, [*getattr(ns, positional), *extra])
     return ns
 

@@ -200,8 +200,10 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     from pipelines.cache_reader import cache_dataset, sample_captions
     from ray_jobs import tracking
     from ray_jobs.cluster import ensure_ray
+    from ray_jobs.training.deepspeed_config import validate_deepspeed
     from ray_jobs.training.progress_relay import ProgressRelay
 
+    validate_deepspeed(cfg)  # a wrong train.deepspeed key fails here, before Ray or any worker starts
     ensure_ray(cfg)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     base, manifest, adapter = check_inputs(cfg)

@@ -92,7 +92,7 @@ class WorkerRecipe:
 
         from prefopt_core.models.registry import adapter_for
         from prefopt_core.objective import PreferenceObjective
-        from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu
+        from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu, size_of
         from ray_jobs.training.lora import add_lora
         from ray_jobs.training.optim import build_optimizer
 
@@ -110,8 +110,12 @@ class WorkerRecipe:
             policy = add_lora(policy, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         policy.train()
         optimizer, scheduler = build_optimizer(policy, cfg.train)
+        self.model_size = size_of(policy, self.inputs.base_model_dir)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, self.world)
+            model=policy,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config(cfg, self.world, size=self.model_size),
         )
         self.objective = PreferenceObjective.from_config(self.adapter, cfg)
         self.refs = self._reference_manager()
@@ -151,7 +155,7 @@ class WorkerRecipe:
         reference.requires_grad_(False).eval()
         if cfg.train.zero_stage == 3:
             ref_engine, *_ = deepspeed.initialize(
-                model=reference, config=ds_config(cfg, self.world, reference=True)
+                model=reference, config=ds_config(cfg, self.world, size=self.model_size, reference=True)
             )
             ref_engine.eval()
             return ref_engine.module
@@ -271,11 +275,14 @@ class WorkerRecipe:
         return sums, data_s
 
     def train(self) -> dict[str, float]:
-        """Optimizer steps until ``train.max_steps``, each logged (rank 0), checkpointed every
-        ``train.checkpoint_every`` steps and at the end."""
+        """Optimizer steps until ``train.max_steps``, checkpointed every ``train.checkpoint_every`` steps
+        and at the end. Per-step metrics stay on the device; every ``train.log_every`` steps (and before
+        a checkpoint or an eval) they are reduced over workers in one collective, copied to the host in
+        one sync and logged by rank 0, one MLflow entry per step."""
         cfg = self.cfg
         batches = self._batches()
         progress = self._progress()
+        pending: list[tuple[int, dict[str, Any]]] = []
         last: dict[str, float] = {}
         while self.state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -283,34 +290,56 @@ class WorkerRecipe:
             self.state.step += 1
             self._maybe_inject_fault()
             ref_metrics = self.refs.on_optimizer_step(self.state.step, self.engine)  # every rank (collective)
+            # host time: on a GPU the step's kernels may still run; a window's mean is exact at the flush
             step_time = time.perf_counter() - t0
-            metrics = self._reduce(sums)
-            metrics.update(ref_metrics)  # identical on every rank: no reduction
-            if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.max_steps:
-                metrics.update(self._eval_metrics())
             pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
-            metrics.update(
-                lr=self.scheduler.get_last_lr()[0],
-                pairs_per_s=pairs / step_time,
-                **{"time/step_s": step_time, "time/data_s": data_s},
-            )
-            grad_norm = self.engine.get_global_grad_norm()
+            host = {
+                **ref_metrics,  # identical on every rank: no reduction
+                "lr": self.scheduler.get_last_lr()[0],
+                "pairs_per_s": pairs / step_time,
+                "time/step_s": step_time,
+                "time/data_s": data_s,
+            }
+            grad_norm = self.engine.get_global_grad_norm()  # a device tensor or a float: no sync here
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            if self.metrics is not None:
-                if self.state.step == 1 and self.initial_metrics:
-                    self.metrics.log(self.initial_metrics, 0)
-                self.metrics.log(metrics, self.state.step)
-            last = metrics
-            if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
-                self._checkpoint(metrics)
-            if progress is not None:
-                progress.update(1, **self._progress_extra(metrics))
+                sums = {**sums, "grad_norm": torch.as_tensor(grad_norm)}
+            pending.append((self.state.step, {"device": sums, "host": host}))
+            eval_now = self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.max_steps
+            checkpoint_now = (
+                bool(cfg.train.checkpoint_every) and self.state.step % cfg.train.checkpoint_every == 0
+            )
+            if eval_now or checkpoint_now or self.state.step % cfg.train.log_every == 0:
+                last = self._flush(pending, self._eval_metrics() if eval_now else {}, progress) or last
+                pending = []
+            if checkpoint_now:
+                self._checkpoint(last)
+        last = self._flush(pending, {}, progress) or last
         if not cfg.train.checkpoint_every or self.state.step % cfg.train.checkpoint_every:
             self._checkpoint(last)
         if progress is not None:
             progress.finish(checkpoint=f"step {self.last_checkpoint_step}")
         return last
+
+    def _flush(
+        self, pending: list[tuple[int, dict[str, Any]]], eval_metrics: dict[str, float], progress
+    ) -> dict[str, float]:
+        """Reduce and log the pending steps (``eval_metrics`` join the last one); returns the last step's
+        metrics, or ``{}`` when nothing was pending."""
+        if not pending:
+            return {}
+        reduced = self._reduce([entry["device"] for _, entry in pending])
+        metrics: dict[str, float] = {}
+        for (step, entry), values in zip(pending, reduced, strict=True):
+            metrics = {**values, **entry["host"]}
+            if step == pending[-1][0]:
+                metrics.update(eval_metrics)
+            if self.metrics is not None:
+                if step == 1 and self.initial_metrics:
+                    self.metrics.log(self.initial_metrics, 0)
+                self.metrics.log(metrics, step)
+            if progress is not None:
+                progress.update(1, **self._progress_extra(metrics))
+        return metrics
 
     def _progress(self) -> Progress | None:
         """Rank 0's training progress counter (steps), its records handed to the context."""
@@ -332,16 +361,23 @@ class WorkerRecipe:
             extra["checkpoint"] = f"step {self.last_checkpoint_step}"
         return extra
 
-    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean over workers of the per-step metrics (on the device: NCCL only reduces GPU tensors)."""
+    def _reduce(self, steps: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+        """Mean over workers of each step's metrics: all steps in one flat device tensor, one all-reduce
+        (on the device: NCCL only reduces GPU tensors) and one copy to the host. ``grad_norm`` is the same
+        global norm on every rank, so its mean is itself."""
         import torch.distributed as dist
 
-        keys = sorted(sums)
-        vec = torch.stack([sums[k].detach().float().to(self.device) for k in keys])
+        layout = [(i, k) for i, sums in enumerate(steps) for k in sorted(sums)]
+        if not layout:
+            return [{} for _ in steps]
+        vec = torch.stack([steps[i][k].detach().float().to(self.device).reshape(()) for i, k in layout])
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(vec)
             vec /= self.world
-        return {k: float(v) for k, v in zip(keys, vec.cpu().tolist(), strict=True)}
+        out: list[dict[str, float]] = [{} for _ in steps]
+        for (i, k), v in zip(layout, vec.cpu().tolist(), strict=True):
+            out[i][k] = v
+        return out
 
     def _eval_metrics(self) -> dict[str, float]:
         """KL estimates on the probe and per-timestep-bin accuracy/margin since the last eval."""
