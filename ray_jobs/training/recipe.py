@@ -239,9 +239,8 @@ class WorkerRecipe:
         while True:
             seed = cfg.run.seed * 1000 + self.state.epoch * 10 + self.rank
             produced = 0
-            for i, table in enumerate(self.ctx.epoch_batches(cfg.train.batch_size, seed)):
-                if i < self.state.batch_in_epoch:
-                    continue
+            skip = self.state.batch_in_epoch
+            for i, table in enumerate(self.ctx.epoch_batches(cfg.train.batch_size, seed, skip), start=skip):
                 produced += 1
                 self.state.batch_in_epoch = i + 1
                 yield batch_from_table(table, self.columns)
@@ -277,6 +276,7 @@ class WorkerRecipe:
         """Optimizer steps until ``train.max_steps``, each logged (rank 0), checkpointed every
         ``train.checkpoint_every`` steps and at the end."""
         cfg = self.cfg
+        self.ctx.policy_step(self.state.step, self._policy_state, start=True)  # every rank
         batches = self._batches()
         progress = self._progress()
         last: dict[str, float] = {}
@@ -289,6 +289,7 @@ class WorkerRecipe:
             step_time = time.perf_counter() - t0
             metrics = self._reduce(sums)
             metrics.update(ref_metrics)  # identical on every rank: no reduction
+            metrics.update(self.ctx.policy_step(self.state.step, self._policy_state))  # every rank
             if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.max_steps:
                 metrics.update(self._eval_metrics())
             pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
@@ -357,6 +358,17 @@ class WorkerRecipe:
         out.update(BinAccumulator.from_tensor(vec.cpu(), self.adapter.schedule.num_train_timesteps).compute())
         self.bins.reset()
         return out
+
+    def _policy_state(self) -> dict[str, torch.Tensor] | None:
+        """What the context publishes to rollouts (rank 0; collective under ZeRO-3)."""
+        from ray_jobs.training.policy_sync import policy_state
+
+        return policy_state(
+            self.engine.module,
+            zero_stage=self.cfg.train.zero_stage,
+            rank=self.rank,
+            lora=self.cfg.model.lora_rank > 0,
+        )
 
     def _maybe_inject_fault(self) -> None:
         """``train.fail_at_step``: the last rank raises once at that step (a marker file keeps it to once)."""
