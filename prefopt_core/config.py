@@ -276,9 +276,6 @@ class OnlineSection(_Section):
     max_staleness: int = Field(
         1, ge=0, description="streaming: rows sampled more than this many policy versions ago are dropped."
     )
-    eval_every: int = Field(
-        0, ge=0, description="streaming: held-out evaluation every N steps (0: at the end)."
-    )
 
 
 class EvalSection(_Section):

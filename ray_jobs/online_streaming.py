@@ -103,6 +103,11 @@ class RolloutSupervisor:
         self._thread.join(timeout_s)
 
 
+def rollout_actor_name(cfg: RunConfig, index: int) -> str:
+    """The Ray actor name of rollout ``index`` of a run (``ray.get_actor`` finds it while the run lives)."""
+    return f"{cfg.run.name}-rollout-{index}"
+
+
 def _start_actors(cfg: RunConfig, base: Path, prompts: list[str], attempt: int, stream_dir: Path):
     """``(buffer, store, rollout actors)``."""
     import ray
@@ -121,7 +126,10 @@ def _start_actors(cfg: RunConfig, base: Path, prompts: list[str], attempt: int, 
         {"rank": m.lora_rank, "alpha": m.lora_alpha, "targets": list(m.lora_targets)} if m.lora_rank else None
     )
     actor_cls = ray.remote(num_cpus=o.rollout_cpus, num_gpus=o.rollout_gpus, max_restarts=-1)(RolloutWorker)
-    actors = [actor_cls.remote(settings, prompts, lora) for _ in range(o.rollout_actors)]
+    actors = [
+        actor_cls.options(name=rollout_actor_name(cfg, i)).remote(settings, prompts, lora)
+        for i in range(o.rollout_actors)
+    ]
     return buffer, store, actors
 
 
@@ -278,7 +286,7 @@ def run_streaming(cfg: RunConfig) -> dict[str, Any]:
         "mlflow_tracking_uri": cfg.tracking_uri,
         "mlflow_run_id": run_id,
         "attempt": attempt,
-        "trainer_fits": 1,
+        "worker_group_starts": sum(1 for p in history if p["start"]),
         "train_wall_s": train_s,
         "num_prompts": len(prompts),
         "base_model_dir": str(base),

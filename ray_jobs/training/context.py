@@ -183,7 +183,7 @@ class StreamingContext(RayTrainContext):
             self.version = policy_version(step, self.sync_every)
             state = state_fn()  # every rank: a collective under ZeRO-3
             if self.rank == 0:
-                ray.get(self.store.publish.remote(self.version, step, state))
+                ray.get(self.store.publish.remote(self.version, step, state, start))
                 logger.info("published policy version %d at step %d", self.version, step)
         now = time.perf_counter()
         wall, wait = now - self._last_step_t, self.wait_s

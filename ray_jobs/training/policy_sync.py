@@ -48,15 +48,16 @@ class PolicyStore:
         self.serial = 0
         self.version = -1
         self.ref: Any = None
-        self.history: list[dict[str, int]] = []  # every publication: serial, version, step
+        self.history: list[dict[str, Any]] = []  # every publication: serial, version, step, start
 
-    def publish(self, version: int, step: int, state: dict[str, torch.Tensor]) -> int:
+    def publish(self, version: int, step: int, state: dict[str, torch.Tensor], start: bool = False) -> int:
+        """Keep ``state`` (policy ``version`` after ``step`` steps; ``start``: a worker group's first)."""
         import ray
 
         self.serial += 1
         self.version = version
         self.ref = ray.put(state)
-        self.history.append({"serial": self.serial, "version": version, "step": step})
+        self.history.append({"serial": self.serial, "version": version, "step": step, "start": start})
         return self.serial
 
     def latest(self, have_serial: int) -> tuple[int, int, list] | None:
@@ -69,5 +70,5 @@ class PolicyStore:
     def current_version(self) -> int:
         return self.version
 
-    def get_history(self) -> list[dict[str, int]]:
+    def get_history(self) -> list[dict[str, Any]]:
         return list(self.history)
