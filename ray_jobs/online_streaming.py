@@ -91,12 +91,26 @@ class RolloutSupervisor:
                     if self._stop.is_set():
                         continue
                     self.restarts += 1
-                    logger.warning("rollout actor died (%s): restarted by Ray, loop resubmitted", exc)
+                    logger.warning("rollout actor died (%s): waiting for Ray to restart it", exc)
                     self.buffer.count_restart.remote()
-                    pending[actor.run.remote(self.buffer, self.store)] = actor
+                    if self._await_restart(actor):
+                        pending[actor.run.remote(self.buffer, self.store)] = actor
                 except Exception as exc:  # a bug in sampling: keep it for the summary, do not loop on it
                     self.errors.append(repr(exc))
                     logger.error("rollout loop failed: %r", exc)
+
+    def _await_restart(self, actor: Any) -> bool:
+        """Block until ``actor`` answers again (calls made while it restarts fail); False when stopped."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        while not self._stop.is_set():
+            try:
+                ray.get(actor.pid.remote(), timeout=5.0)
+                return True
+            except (RayActorError, GetTimeoutError):
+                time.sleep(0.5)
+        return False
 
     def stop(self, timeout_s: float = 60.0) -> None:
         self._stop.set()
