@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,6 +40,13 @@ def policy_state(
     if state is None or not lora:
         return state
     return {k: v for k, v in state.items() if LORA_KEY in k}
+
+
+def state_fn(module: torch.nn.Module, cfg: Any, rank: int) -> Callable[[], dict[str, torch.Tensor] | None]:
+    """:func:`policy_state` of ``module`` under run config ``cfg`` (its ZeRO stage and LoRA rank)."""
+    return lambda: policy_state(
+        module, zero_stage=cfg.train.zero_stage, rank=rank, lora=cfg.model.lora_rank > 0
+    )
 
 
 class PolicyStore:

@@ -275,8 +275,11 @@ class WorkerRecipe:
     def train(self) -> dict[str, float]:
         """Optimizer steps until ``train.max_steps``, each logged (rank 0), checkpointed every
         ``train.checkpoint_every`` steps and at the end."""
+        from ray_jobs.training.policy_sync import state_fn
+
         cfg = self.cfg
-        self.ctx.policy_step(self.state.step, self._policy_state, start=True)  # every rank
+        publish = state_fn(self.engine.module, cfg, self.rank)  # what rollouts sample from, if any
+        self.ctx.policy_step(self.state.step, publish, start=True)  # every rank
         batches = self._batches()
         progress = self._progress()
         last: dict[str, float] = {}
@@ -289,7 +292,7 @@ class WorkerRecipe:
             step_time = time.perf_counter() - t0
             metrics = self._reduce(sums)
             metrics.update(ref_metrics)  # identical on every rank: no reduction
-            metrics.update(self.ctx.policy_step(self.state.step, self._policy_state))  # every rank
+            metrics.update(self.ctx.policy_step(self.state.step, publish))  # every rank
             if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.max_steps:
                 metrics.update(self._eval_metrics())
             pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
@@ -358,17 +361,6 @@ class WorkerRecipe:
         out.update(BinAccumulator.from_tensor(vec.cpu(), self.adapter.schedule.num_train_timesteps).compute())
         self.bins.reset()
         return out
-
-    def _policy_state(self) -> dict[str, torch.Tensor] | None:
-        """What the context publishes to rollouts (rank 0; collective under ZeRO-3)."""
-        from ray_jobs.training.policy_sync import policy_state
-
-        return policy_state(
-            self.engine.module,
-            zero_stage=self.cfg.train.zero_stage,
-            rank=self.rank,
-            lora=self.cfg.model.lora_rank > 0,
-        )
 
     def _maybe_inject_fault(self) -> None:
         """``train.fail_at_step``: the last rank raises once at that step (a marker file keeps it to once)."""
