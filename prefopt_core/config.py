@@ -285,6 +285,24 @@ class OnlineSection(_Section):
     rows_per_shard: int = Field(32, ge=1, description="Prompts per cache shard (the resume unit).")
     num_actors: int = Field(1, ge=1, description="Sampling actors (one pipeline each) in the Ray Data pool.")
     cpus_per_actor: float = Field(1.0, gt=0)
+    mode: Literal["rounds", "streaming"] = Field(
+        "rounds",
+        description="rounds: sample -> cache -> a new training run per round; streaming: one training run fed "
+        "by rollout actors through a pair buffer (train.max_steps steps in all).",
+    )
+    rollout_actors: int = Field(
+        1, ge=1, description="streaming: sampling actors (one pipeline and scorer each)."
+    )
+    rollout_cpus: float = Field(1.0, gt=0, description="streaming: CPUs per rollout actor.")
+    rollout_gpus: float = Field(0.0, ge=0, description="streaming: GPUs per rollout actor.")
+    buffer_pairs: int = Field(
+        32, ge=1, description="streaming: pair buffer capacity; rollouts wait when it is full."
+    )
+    reuse: int = Field(1, ge=1, description="streaming: times one pair may be trained on.")
+    sync_every: int = Field(4, ge=1, description="streaming: optimizer steps between weight publications.")
+    max_staleness: int = Field(
+        1, ge=0, description="streaming: rows sampled more than this many policy versions ago are dropped."
+    )
 
 
 class EvalSection(_Section):

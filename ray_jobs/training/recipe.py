@@ -240,9 +240,8 @@ class WorkerRecipe:
         while True:
             seed = cfg.run.seed * 1000 + self.state.epoch * 10 + self.rank
             produced = 0
-            for i, table in enumerate(self.ctx.epoch_batches(cfg.train.batch_size, seed)):
-                if i < self.state.batch_in_epoch:
-                    continue
+            skip = self.state.batch_in_epoch
+            for i, table in enumerate(self.ctx.epoch_batches(cfg.train.batch_size, seed, skip), start=skip):
                 produced += 1
                 self.state.batch_in_epoch = i + 1
                 yield batch_from_table(table, self.columns)
@@ -278,8 +277,13 @@ class WorkerRecipe:
         """Optimizer steps until ``train.max_steps``, checkpointed every ``train.checkpoint_every`` steps
         and at the end. Per-step metrics stay on the device; every ``train.log_every`` steps (and before
         a checkpoint or an eval) they are reduced over workers in one collective, copied to the host in
-        one sync and logged by rank 0, one MLflow entry per step."""
+        one sync and logged by rank 0, one MLflow entry per step. The context may publish the policy to
+        rollout actors after a step (streaming online training)."""
+        from ray_jobs.training.policy_sync import state_fn
+
         cfg = self.cfg
+        publish = state_fn(self.engine.module, cfg, self.rank)  # what rollouts sample from, if any
+        self.ctx.policy_step(self.state.step, publish, start=True)  # every rank
         batches = self._batches()
         progress = self._progress()
         pending: list[tuple[int, dict[str, Any]]] = []
@@ -295,6 +299,7 @@ class WorkerRecipe:
             pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
             host = {
                 **ref_metrics,  # identical on every rank: no reduction
+                **self.ctx.policy_step(self.state.step, publish),  # every rank (may gather weights)
                 "lr": self.scheduler.get_last_lr()[0],
                 "pairs_per_s": pairs / step_time,
                 "time/step_s": step_time,
