@@ -41,6 +41,7 @@ data of samples before the fragment, so a fragment reads only its own image byte
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import json
@@ -52,7 +53,7 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
 
 import pyarrow as pa
@@ -65,6 +66,7 @@ from pipelines.schema import (
     make_pair_id,
     make_source_key,
 )
+from prefopt_core.storage import Location, is_uri, location
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ def _present_columns(names: Iterable[str]) -> list[str]:
 
 def _read_parquet_rows(path: str, start: int, stop: int) -> pa.Table:
     """Read only the row groups that overlap ``[start, stop)`` and only the Pick-a-Pic columns."""
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(_open_data(path))
     check_columns(pf.schema_arrow, path)
     columns = _present_columns(pf.schema_arrow.names)
     groups, first_row, offset = [], 0, 0
@@ -229,7 +231,9 @@ def _scan_tar(path: str) -> tuple[int, list[str]]:
     """Number of samples and the Pick-a-Pic fields found (member names + the keys of the first .json)."""
     fields: set[str] = set()
     num_samples, json_seen = 0, False
-    with tarfile.open(path, "r:") as tf:
+    with (
+        tarfile.open(fileobj=_open_data(path), mode="r:") if is_uri(path) else tarfile.open(path, "r:") as tf
+    ):
         for index, member, field in _iter_tar_samples(tf, path):
             num_samples = index + 1
             if field == "json" and not json_seen:
@@ -242,7 +246,9 @@ def _scan_tar(path: str) -> tuple[int, list[str]]:
 
 def _read_tar_rows(path: str, start: int, stop: int) -> pa.Table:
     records: list[dict[str, Any]] = []
-    with tarfile.open(path, "r:") as tf:
+    with (
+        tarfile.open(fileobj=_open_data(path), mode="r:") if is_uri(path) else tarfile.open(path, "r:") as tf
+    ):
         for index, member, field in _iter_tar_samples(tf, path):
             if index >= stop:
                 break
@@ -372,8 +378,44 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _match_files(source: str, split: str | None) -> list[Path] | None:
-    """Sorted absolute data files of a local source; None when ``source`` is a hub id."""
+def _match_remote_files(source: str, split: str | None) -> list[Location]:
+    """Sorted data files of an object-store source: one object, a prefix (directory) or a glob."""
+    if _GLOB_CHARS.search(source):
+        root = location(_GLOB_CHARS.split(source, 1)[0].rsplit("/", 1)[0])
+        matches = [
+            f for f in root.rglob("*") if fnmatch.fnmatch(f.uri, source) and _suffix(f) in DATA_SUFFIXES
+        ]
+        if not matches:
+            raise SourceNotFoundError(f"no .parquet or .tar files match the glob {source!r}")
+        return matches
+    loc = location(source)
+    if loc.is_file():
+        if _suffix(loc) not in DATA_SUFFIXES:
+            raise ValueError(
+                f"{loc}: unsupported file type {_suffix(loc)!r}; expected one of {list(DATA_SUFFIXES)}"
+            )
+        return [loc]
+    root = PurePosixPath(loc.path)
+    found = {PurePosixPath(f.path): f for f in loc.rglob("*") if _suffix(f) in DATA_SUFFIXES}
+    files = [p for p in sorted(found) if not _is_hidden(p, root)]
+    if not files:
+        raise SourceNotFoundError(f"{loc}: holds no .parquet or .tar files (or cannot be listed)")
+    return [found[p] for p in (_filter_split(files, root, split) if split else files)]
+
+
+def _suffix(path: Path | Location) -> str:
+    return PurePosixPath(path.name).suffix
+
+
+def _open_data(path: str | Path | Location):
+    """What pyarrow and tarfile read: the local path itself, or a seekable stream of a remote object."""
+    return location(path).open_input() if is_uri(path) else path
+
+
+def _match_files(source: str, split: str | None) -> list[Path] | list[Location] | None:
+    """Sorted absolute data files of a local or object-store source; None when ``source`` is a hub id."""
+    if is_uri(source):
+        return _match_remote_files(source, split)
     if _GLOB_CHARS.search(source):
         matches = sorted(
             Path(p).resolve()
@@ -407,11 +449,11 @@ def _match_files(source: str, split: str | None) -> list[Path] | None:
     )
 
 
-def _inspect_file(path: Path) -> tuple[SourceKind, int]:
+def _inspect_file(path: Path | Location) -> tuple[SourceKind, int]:
     """Kind and row count of one file, checking its columns from metadata only."""
-    kind = DATA_SUFFIXES[path.suffix]
+    kind = DATA_SUFFIXES[_suffix(path)]
     if kind == "parquet":
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(_open_data(path))
         check_columns(pf.schema_arrow, str(path))
         return "parquet", pf.metadata.num_rows
     num_samples, fields = _scan_tar(str(path))
@@ -455,7 +497,7 @@ def resolve_source(
         return _hub_fragments(source, split or "train", rows_per_fragment, max_pairs)
 
     fragments: list[Fragment] = []
-    keys: dict[str, Path] = {}
+    keys: dict[str, Path | Location] = {}
     remaining = math.inf if max_pairs is None else max_pairs
     for path in files:
         if remaining <= 0:
