@@ -198,19 +198,20 @@ class Location:
     def size(self) -> int:
         return Path(self.uri).stat().st_size if self.is_local else self._info().size
 
-    def _listing(self, recursive: bool):
+    def _listing(self, recursive: bool, files_only: bool = True):
         import pyarrow.fs as pafs
 
         selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
-        return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+        infos = self.fs.get_file_info(selector)
+        return [i for i in infos if i.type == pafs.FileType.File or not files_only]
 
     def glob(self, pattern: str) -> list[Location]:
-        """Files directly in this directory whose names match ``pattern`` (fnmatch), sorted."""
+        """Entries (files and directories) directly in this directory whose names match ``pattern``
+        (fnmatch), sorted."""
         if self.is_local:
             return sorted(self / p.name for p in Path(self.uri).glob(pattern))
-        return sorted(
-            self / i.base_name for i in self._listing(False) if fnmatch.fnmatch(i.base_name, pattern)
-        )
+        entries = self._listing(False, files_only=False)
+        return sorted(self / i.base_name for i in entries if fnmatch.fnmatch(i.base_name, pattern))
 
     def rglob(self, pattern: str) -> list[Location]:
         """Files anywhere below this directory whose names match ``pattern``, sorted."""
@@ -284,6 +285,13 @@ class Location:
             Path(self.uri).unlink(missing_ok=missing_ok)
         elif not missing_ok or self.exists():
             self.fs.delete_file(self.path)
+
+    def rmtree(self) -> None:
+        """Delete this directory and everything below it (nothing when it does not exist)."""
+        if self.is_local:
+            shutil.rmtree(self.uri, ignore_errors=True)
+        elif self.exists():
+            self.fs.delete_dir(self.path)
 
     def upload_dir(self, local_dir: str | Path) -> None:
         """Copy the local directory ``local_dir`` to this location (a plain copy when both are local)."""
