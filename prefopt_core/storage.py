@@ -110,7 +110,12 @@ class Location:
         return f"Location({self.uri!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and other.uri == self.uri
+        """Equal to a Location of the same URI, and (when local) to a path of the same absolute place."""
+        if isinstance(other, Location):
+            return other.uri == self.uri
+        if self.is_local and isinstance(other, os.PathLike):
+            return os.path.abspath(os.fspath(other)) == self.uri
+        return NotImplemented
 
     def __hash__(self) -> int:
         return hash(self.uri)
