@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -75,10 +76,10 @@ def test_remote_dir_copied_once_per_fingerprint(s3_bucket, tmp_path, monkeypatch
     (model / "config.json").write_json({"a": 1})
     (model / "unet" / "w.bin").write_bytes(b"0123")
     first = local_path(model.uri)
-    assert open(os.path.join(first, "unet", "w.bin"), "rb").read() == b"0123"
+    assert Path(first, "unet", "w.bin").read_bytes() == b"0123"
     marker = os.path.join(first, COPY_MARKER)
     stamp = os.stat(marker).st_mtime_ns
     assert local_path(model.uri) == first and os.stat(marker).st_mtime_ns == stamp
     (model / "unet" / "w.bin").write_bytes(b"012345")
     second = local_path(model.uri)
-    assert second != first and open(os.path.join(second, "unet", "w.bin"), "rb").read() == b"012345"
+    assert second != first and Path(second, "unet", "w.bin").read_bytes() == b"012345"
