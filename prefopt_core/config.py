@@ -9,6 +9,7 @@ it. Unknown keys are rejected with the list of valid ones; cross-field rules liv
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from prefopt_core.losses import DEFAULT_BETA, DEFAULT_DPO_CONVENTION, DpoConvent
 from prefopt_core.losses import resolved_beta as _resolved_beta
 from prefopt_core.models.base import Family
 from prefopt_core.reference import OnExceed, ReferenceStrategy, check_strategy
+from prefopt_core.storage import Location, StorageError, is_uri, local_scratch
 from prefopt_core.timesteps import Sampling, TimestepConfig, TimestepWeight
 
 #: ``model.pretrained`` value that trains the toy testbed's base model (``pipelines.toy_base``).
@@ -378,19 +380,31 @@ class RunConfig(_Section):
 
     # ---- derived values (no state: computed from the fields) ----
     @property
-    def workdir(self) -> Path:
-        return Path(self.run.workdir).expanduser().resolve()
+    def workdir(self) -> Location:
+        """``run.workdir``: a local directory or an object-store prefix (:mod:`prefopt_core.storage`)."""
+        return Location(self.run.workdir)
 
     @property
-    def cache_dir(self) -> Path:
-        return Path(self.cache.dir).expanduser().resolve() if self.cache.dir else self.workdir / "cache"
+    def scratch_dir(self) -> Path:
+        """This node's local directory for the files that must be local (the log, the MLflow spill file and
+        default store, exports before their upload): the workdir itself when it is local, else
+        ``<PREFOPT_LOCAL_DIR>/runs/<workdir name>-<hash of its URI>``."""
+        work = self.workdir
+        if work.is_local:
+            return work.local
+        digest = hashlib.sha1(work.uri.encode()).hexdigest()[:12]
+        return local_scratch() / "runs" / f"{work.name}-{digest}"
 
     @property
-    def base_model_dir(self) -> Path:
+    def cache_dir(self) -> Location:
+        return Location(self.cache.dir) if self.cache.dir else self.workdir / "cache"
+
+    @property
+    def base_model_dir(self) -> Location:
         """Where the pretrained pipeline lives (built on demand for 'tiny' models)."""
         if self.model.pretrained.startswith("tiny") or self.model.pretrained == TOY_BASE:
             return self.workdir / "base_model"
-        return Path(self.model.pretrained).expanduser()
+        return Location(self.model.pretrained)
 
     @property
     def tiny_preset(self) -> str | None:
@@ -407,7 +421,7 @@ class RunConfig(_Section):
             return self.tracking.uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{self.workdir / 'mlflow.db'}"
+        return f"sqlite:///{self.scratch_dir / 'mlflow.db'}"
 
     @property
     def timestep_sampling(self) -> Sampling:
@@ -466,11 +480,17 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _absolute(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
+    """A local path made absolute; a URI checked (no credentials in it) and kept."""
+    if path is None:
+        return None
+    try:
+        return str(Location(path))
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Make the run's local paths absolute, against the current directory.
+    """Make the run's local paths absolute, against the current directory, and check its URIs.
 
     Done once, where the config is loaded: Ray workers run in other directories, so a relative
     ``run.workdir`` would otherwise mean a different place in every process.
@@ -488,7 +508,9 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         ("eval", "baseline"),
     ):
         value = getattr(getattr(cfg, section), key)
-        if value and not value.startswith("tiny") and value != TOY_BASE and Path(value).expanduser().exists():
+        if (value and is_uri(value)) or (
+            value and not value.startswith("tiny") and value != TOY_BASE and Path(value).expanduser().exists()
+        ):
             setattr(getattr(cfg, section), key, _absolute(value))
     return cfg
 

@@ -250,7 +250,7 @@ def report(cmd: Command, cfg: RunConfig, summary: dict[str, Any], options: conso
     out = cfg.workdir / f"{cmd.name}_summary.json"
     out.write_text(json.dumps(summary, indent=1, default=str))
     closing = _call(cmd.closing, summary) if cmd.closing else []
-    log_file = cfg.workdir / console.LOG_FILE
+    log_file = cfg.scratch_dir / console.LOG_FILE  # a log is appended to: always on this node's disk
     if options.log_format == "json":
         record = {
             "command": cmd.name,
@@ -276,7 +276,7 @@ def _dispatch(ns: argparse.Namespace, options: console.ConsoleOptions) -> int:
     if cmd.name == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"), flush=True)
         return 0
-    console.attach_log_file(cfg.workdir, options.log_format)
+    console.attach_log_file(cfg.scratch_dir, options.log_format)
     report(cmd, cfg, run_command(cmd, cfg, options), options)
     return 0
 

@@ -32,6 +32,7 @@ from prefopt_core.config import RunConfig
 from prefopt_core.metrics import BinAccumulator
 from prefopt_core.objective import PreferenceBatch
 from prefopt_core.reference import LIVE_STRATEGIES
+from prefopt_core.storage import Location
 from ray_jobs.training.context import RayTrainContext, WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class WorkerRecipe:
             self.metrics = MetricBuffer(
                 self.inputs.tracking_uri,
                 self.inputs.run_id,
-                Path(cfg.workdir) / "mlflow_pending.jsonl",
+                cfg.scratch_dir / "mlflow_pending.jsonl",
                 identity=self.inputs.run_identity,
                 flush_every=5,
             )
@@ -401,9 +402,10 @@ class WorkerRecipe:
         cfg = self.cfg
         if cfg.train.fail_at_step is None or self.state.step != cfg.train.fail_at_step:
             return
-        marker = Path(cfg.workdir) / f".fault_injected_{cfg.run.name}_{cfg.train.fail_at_step}"
+        marker = (
+            cfg.workdir / f".fault_injected_{cfg.run.name}_{cfg.train.fail_at_step}"
+        )  # seen by every node
         if self.rank == self.world - 1 and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text("fired\n")
             raise RuntimeError(f"injected fault at step {self.state.step} (train.fail_at_step)")
 
@@ -445,10 +447,15 @@ class WorkerRecipe:
         module = self.engine.module
         state = gather_full_state_dict(module, zero_stage=self.cfg.train.zero_stage, rank=self.rank)
         if self.rank == 0:
-            export_dir = Path(self.inputs.export_dir)
+            target = Location(
+                self.inputs.export_dir
+            )  # an object-store export is staged locally, then uploaded
+            export_dir = target.local if target.is_local else self.cfg.scratch_dir / "export"
             export_full(module, state, export_dir / self.adapter.denoiser_subfolder)
             if self.cfg.model.lora_rank > 0:
                 export_lora(self.cfg.model.family, module, state, export_dir / "lora")
+            if not target.is_local:
+                target.upload_dir(export_dir)
             self._sample_grid(export_dir / self.adapter.denoiser_subfolder)
         if dist.is_initialized():
             dist.barrier()
@@ -460,7 +467,7 @@ class WorkerRecipe:
         prompts = list(self.inputs.sample_prompts)[: self.cfg.train.sample_prompts]
         if not prompts:
             return
-        path = Path(self.cfg.workdir) / "samples" / f"step_{self.state.step:08d}.png"
+        path = self.cfg.scratch_dir / "samples" / f"step_{self.state.step:08d}.png"
         write_sample_grid(self.cfg, self.adapter, prompts, exported, path, device=self.device)
         run_id = self.metrics.run_id if self.metrics is not None else None
         if run_id:
