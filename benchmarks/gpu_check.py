@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -161,6 +162,10 @@ def build_random_pipeline(
     shutil.rmtree(tmp / "_tokenizers")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    del pipe, parts
+    gc.collect()
+    if torch.cuda.is_available():  # hand the GPU back to the cache actor and the training worker
+        torch.cuda.empty_cache()
     logger.info("random-weight %s pipeline written to %s", model_dir.name, out)
     return out
 
