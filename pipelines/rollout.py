@@ -8,7 +8,7 @@ scoring, pairing, margin and skip rules are the round mode's) and loops::
     n = buffer.next_block()                      # a block number nobody got before, restarts included
     prompts of draws n*b .. n*b+b-1              # draw d samples prompt d % P with sample_seed(seed, attempt, d, k)
     sample K images per prompt, score, pair best vs worst (OnlineSampler.sample_chunk)
-    kept pairs -> latent-cache rows (kept_table), pair id "online-r{attempt}:{d}"
+    kept pairs -> latent-cache rows (encoded_kept_table), pair id "online-r{attempt}:{d}"
     buffer.push(rows, version) until accepted   # backpressure: wait while the buffer is full
 
 ``attempt`` is the driver's launch number (a rerun after the driver died samples new ids and seeds).
@@ -26,35 +26,12 @@ import pyarrow as pa
 import torch
 
 from pipelines.online import MAX_PROMPTS, OnlineSampler
-from pipelines.online_pairs import ChunkResult, kept_table, unkeep
+from pipelines.online_pairs import ChunkResult, encoded_kept_table
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between two push attempts while the buffer is full.
 PUSH_RETRY_S = 0.05
-
-
-def rows_of(sampler: OnlineSampler, result: ChunkResult) -> pa.Table | None:
-    """Latent-cache rows of the kept pairs of ``result`` (the conditioning of their captions encoded;
-    pairs with non-finite conditioning turned into skips), or ``None`` when none is kept."""
-    kept = [i for i, c in enumerate(result.choices) if c.kept]
-    if not kept:
-        return None
-    cond = sampler.adapter.encode_prompts([result.captions[i] for i in kept])  # {name: (B, ...)}
-    finite = torch.ones(len(kept), dtype=torch.bool)  # (B,)
-    for value in cond.values():
-        finite &= torch.isfinite(value).flatten(1).all(1)
-    if not bool(finite.all()):
-        unkeep(result, [i for i, ok in zip(kept, finite.tolist()) if not ok], "nonfinite_conditioning")
-        cond = {name: value[finite] for name, value in cond.items()}
-    n, res = int(finite.sum()), sampler.settings.resolution
-    if n == 0:
-        return None
-    full = torch.full((n, 2), res, dtype=torch.int64)  # original size: the whole image
-    zeros = torch.zeros((n, 2), dtype=torch.int64)  # crop top-left: no crop
-    side = sampler.adapter.side_conditioning(full, zeros, res)
-    side = {f"{name}_{s}": value for name, value in side.items() for s in ("w", "l")}
-    return kept_table(result, sampler.settings, cond, side)
 
 
 class RolloutWorker:
@@ -115,7 +92,7 @@ class RolloutWorker:
         prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(b)]
         t0 = time.perf_counter()
         result = self.sampler.sample_chunk(start, prompts)
-        table = rows_of(self.sampler, result)
+        table = encoded_kept_table(self.sampler.adapter, result, self.sampler.settings)
         return table, result, time.perf_counter() - t0
 
     def run(self, buffer: Any, store: Any) -> int:
