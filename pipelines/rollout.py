@@ -5,7 +5,8 @@ policy's denoiser and a scorer (an :class:`pipelines.online.OnlineSampler`, whos
 scoring, pairing, margin and skip rules are the round mode's) and loops::
 
     swap in the newest published policy (PolicyStore.latest), if any
-    n = buffer.next_block()                      # a block number nobody got before, restarts included
+    n = buffer.next_block(index, version, b)     # a block number nobody got before, restarts included
+                                                 # (None under online.on_stale=wait: hold back, ask again)
     prompts of draws n*b .. n*b+b-1              # draw d samples prompt d % P with sample_seed(seed, attempt, d, k)
     sample K images per prompt, score, pair best vs worst (OnlineSampler.sample_chunk)
     kept pairs -> latent-cache rows (encoded_kept_table), pair id "online-r{attempt}:{d}"
@@ -30,7 +31,7 @@ from pipelines.online_pairs import ChunkResult, encoded_kept_table
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two push attempts while the buffer is full.
+#: Seconds between two push attempts while the buffer is full (or block requests while held back).
 PUSH_RETRY_S = 0.05
 
 
@@ -38,14 +39,20 @@ class RolloutWorker:
     """Ray actor (``ray.remote(max_restarts=-1)(RolloutWorker)``): see the module docstring.
 
     ``settings``: :class:`pipelines.online.OnlineSettings` fields with ``round`` = the driver's attempt;
-    ``lora``: ``{"rank", "alpha", "targets"}`` when the policy is published as LoRA adapters only.
+    ``lora``: ``{"rank", "alpha", "targets"}`` when the policy is published as LoRA adapters only;
+    ``index``: this actor's number in the pool (the buffer's owner of its block in flight).
     """
 
     def __init__(
-        self, settings: dict[str, Any], prompts: list[str], lora: dict[str, Any] | None = None
+        self,
+        settings: dict[str, Any],
+        prompts: list[str],
+        lora: dict[str, Any] | None = None,
+        index: int = 0,
     ) -> None:
         self.sampler = OnlineSampler(settings, cache_dir="")
         self.prompts = list(prompts)
+        self.index = index
         self.serial = 0
         self.version = 0
         self.lora = lora
@@ -100,17 +107,22 @@ class RolloutWorker:
         import ray
 
         blocks = 0
+        b = self.sampler.settings.batch_size
         while not ray.get(buffer.is_closed.remote()):
             self.maybe_swap(store)
             version = self.version
-            table, result, seconds = self.sample_block(ray.get(buffer.next_block.remote()))
+            block = ray.get(buffer.next_block.remote(self.index, version, b))
+            if block is None:  # held back: the block could not be trained within the staleness bound
+                time.sleep(PUSH_RETRY_S)
+                continue
+            table, result, seconds = self.sample_block(block)
             rewards = [float(x) for x in result.scores.reshape(-1) if np.isfinite(x)]
             kept = sum(c.kept for c in result.choices)
             images = result.scores.size
             buffer.report_rollout.remote(images, seconds, rewards, kept, len(result.choices) - kept)
             blocks += 1
             while table is not None:
-                status = ray.get(buffer.push.remote(table, version))
+                status = ray.get(buffer.push.remote(table, version, self.index))
                 if status == "ok":
                     break
                 if status == "closed":

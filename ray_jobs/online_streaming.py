@@ -92,7 +92,7 @@ class RolloutSupervisor:
                         continue
                     self.restarts += 1
                     logger.warning("rollout actor died (%s): waiting for Ray to restart it", exc)
-                    self.buffer.count_restart.remote()
+                    self.buffer.forget.remote(self.actors.index(actor))
                     if self._await_restart(actor):
                         pending[actor.run.remote(self.buffer, self.store)] = actor
                 except Exception as exc:  # a bug in sampling: keep it for the summary, do not loop on it
@@ -132,7 +132,13 @@ def _start_actors(cfg: RunConfig, base: Path, prompts: list[str], attempt: int, 
 
     o, m = cfg.online, cfg.model
     buffer = ray.remote(num_cpus=0)(PairBuffer).remote(
-        o.buffer_pairs, o.max_staleness, o.reuse, str(stream_dir / "ledger.jsonl")
+        o.buffer_pairs,
+        o.max_staleness,
+        o.reuse,
+        str(stream_dir / "ledger.jsonl"),
+        o.on_stale,
+        o.sync_every,
+        cfg.train.batch_size * cfg.train.num_workers,
     )
     store = ray.remote(num_cpus=0)(PolicyStore).remote()
     settings = vars(online_settings(cfg, base, m.init_denoiser, attempt)).copy()
@@ -141,7 +147,7 @@ def _start_actors(cfg: RunConfig, base: Path, prompts: list[str], attempt: int, 
     )
     actor_cls = ray.remote(num_cpus=o.rollout_cpus, num_gpus=o.rollout_gpus, max_restarts=-1)(RolloutWorker)
     actors = [
-        actor_cls.options(name=rollout_actor_name(cfg, i)).remote(settings, prompts, lora)
+        actor_cls.options(name=rollout_actor_name(cfg, i)).remote(settings, prompts, lora, i)
         for i in range(o.rollout_actors)
     ]
     return buffer, store, actors

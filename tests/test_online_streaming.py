@@ -105,6 +105,55 @@ def test_staleness_statistics_cover_the_rows_taken_since_the_last_call():
     assert "online/staleness_mean" not in buf.stats()
 
 
+def _waiting(**kw) -> PairBufferState:
+    """on_stale=wait, max_staleness 0, sync every 2 steps, 1 row per step (unless overridden)."""
+    return PairBufferState(
+        **{"capacity": 10, "max_staleness": 0, "on_stale": "wait", "sync_every": 2, "rows_per_step": 1, **kw}
+    )
+
+
+def test_wait_admits_a_block_only_if_its_rows_can_be_trained_within_the_bound():
+    """Trainer before step 1; version-0 rows are trainable for steps 1..T(0) = (0 + 0 + 1) * 2 = 2: 2 rows.
+    Rollouts 0 and 1 get a 1-prompt block each (0 + 1 <= 2, 1 + 1 <= 2); rollout 2 is held back (2 + 1 > 2).
+    Both rows are then taken for steps 1 and 2 at version (step - 1) // 2 = 0: staleness 0, nothing dropped.
+    After the take for step 2, version 0 has (2 - 2 + 1) * 1 - 1 = 0 trainable rows left: held back; with the
+    policy of version 1 (T(1) = 4: (4 - 2 + 1) * 1 - 1 = 2 rows) the block is admitted."""
+    buf = _waiting()
+    assert [buf.next_block(owner, version=0, prompts=1) for owner in (0, 1, 2)] == [0, 1, None]
+    buf.push(_rows("a"), version=0, owner=0)
+    buf.push(_rows("b"), version=0, owner=1)
+    taken = [buf.take(1, trainer_version=0, rank=0, step=s)[VERSION_COLUMN][0].as_py() for s in (1, 2)]
+    assert taken == [0, 0] and buf.counts["dropped_stale"] == 0
+    assert buf.next_block(2, version=0, prompts=1) is None
+    assert buf.next_block(2, version=1, prompts=1) == 2
+
+
+def test_wait_admits_an_oversized_block_into_an_idle_buffer():
+    """sync every step: T(0) = 1, one version-0 row is trainable. A 3-prompt block does not fit (3 > 1), but
+    nothing is buffered or in flight and one of its rows fits: admitted, so it cannot wait forever."""
+    buf = _waiting(sync_every=1)
+    assert buf.trainable_rows(0) == 1
+    assert buf.next_block(0, version=0, prompts=3) == 0
+
+
+def test_drop_never_holds_a_rollout_back():
+    """The state that holds rollout 2 back under wait (2 prompts in flight, 2 trainable) admits it under drop."""
+    buf = _waiting(on_stale="drop")
+    assert [buf.next_block(owner, version=0, prompts=1) for owner in (0, 1, 2)] == [0, 1, 2]
+
+
+def test_the_block_of_a_dead_rollout_no_longer_holds_others_back():
+    """Rollouts 0 and 1 fill the 2 trainable rows; rollout 2 waits until rollout 0's death is reported
+    (its block will never be pushed: 1 + 1 <= 2), and the restart is counted."""
+    buf = _waiting()
+    buf.next_block(0, version=0, prompts=1)
+    buf.next_block(1, version=0, prompts=1)
+    assert buf.next_block(2, version=0, prompts=1) is None
+    buf.forget(0)
+    assert buf.next_block(2, version=0, prompts=1) == 2
+    assert buf.counts["rollout_restarts"] == 1
+
+
 def test_policy_version_counts_finished_sync_intervals():
     """sync_every 4: steps 0-3 -> version 0, 4-7 -> 1, 8 -> 2."""
     assert [policy_version(s, 4) for s in (0, 3, 4, 7, 8)] == [0, 0, 1, 1, 2]

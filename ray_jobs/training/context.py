@@ -145,7 +145,7 @@ class StreamingContext(RayTrainContext):
     (:mod:`ray_jobs.training.pair_buffer`) instead of a dataset shard, publishing the policy to the
     :class:`~ray_jobs.training.policy_sync.PolicyStore` every ``sync_every`` optimizer steps.
 
-    Batches: ``buffer.take(batch_size, trainer version, rank)``, retried every ``poll_s`` while the buffer
+    Batches: ``buffer.take(batch_size, trainer version, rank, next step)``, retried every ``poll_s`` while the buffer
     holds too few fresh rows (the wait is measured: ``online/trainer_wait_s`` and the idle fraction of the
     wall time since the previous step). The pass never ends; ``skip`` is ignored (streamed rows are never
     replayed: a resumed worker takes new ones).
@@ -159,6 +159,7 @@ class StreamingContext(RayTrainContext):
         self.sync_every = sync_every
         self.poll_s = poll_s
         self.version = 0
+        self.step = 0  # optimizer steps done: the next take is for step + 1
         self.wait_s = 0.0
         self._last_step_t = time.perf_counter()
 
@@ -167,10 +168,11 @@ class StreamingContext(RayTrainContext):
 
         while True:
             t0 = time.perf_counter()
-            table = ray.get(self.buffer.take.remote(batch_size, self.version, self.rank))
+            take = (batch_size, self.version, self.rank, self.step + 1)
+            table = ray.get(self.buffer.take.remote(*take))
             while table is None:
                 time.sleep(self.poll_s)
-                table = ray.get(self.buffer.take.remote(batch_size, self.version, self.rank))
+                table = ray.get(self.buffer.take.remote(*take))
             self.wait_s += time.perf_counter() - t0
             yield table
 
@@ -179,6 +181,7 @@ class StreamingContext(RayTrainContext):
 
         from ray_jobs.training.policy_sync import policy_version
 
+        self.step = step
         if start or step % self.sync_every == 0:
             self.version = policy_version(step, self.sync_every)
             state = state_fn()  # every rank: a collective under ZeRO-3
