@@ -35,6 +35,38 @@ logger = logging.getLogger(__name__)
 PUSH_RETRY_S = 0.05
 
 
+def pipeline_denoiser(pipe: Any) -> torch.nn.Module:
+    """The denoiser of a diffusers pipeline (SD3: ``transformer``; SDXL/SD1.5: ``unet``)."""
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+
+
+def attach_lora(denoiser: torch.nn.Module, lora: dict[str, Any] | None) -> None:
+    """Give ``denoiser`` the LoRA adapters a policy published as adapters only is loaded into (``lora``:
+    ``{"rank", "alpha", "targets"}`` as ``model.lora_*``; ``None``: full weights, nothing to add)."""
+    if not lora:
+        return
+    from peft import LoraConfig
+
+    denoiser.add_adapter(
+        LoraConfig(
+            r=lora["rank"],
+            lora_alpha=lora["alpha"] or lora["rank"],
+            init_lora_weights="gaussian",
+            target_modules=lora["targets"],
+        )
+    )
+
+
+def load_policy_state(
+    denoiser: torch.nn.Module, state: dict[str, torch.Tensor], lora: dict[str, Any] | None
+) -> None:
+    """Load a published policy (:mod:`ray_jobs.training.policy_sync`) into ``denoiser``: every tensor of
+    the full weights, or the adapter tensors onto :func:`attach_lora`'s adapters; a mismatch raises."""
+    missing, unexpected = denoiser.load_state_dict(state, strict=not lora)
+    if unexpected or (not lora and missing):
+        raise RuntimeError(f"published policy does not fit the denoiser: {unexpected or missing}")
+
+
 class RolloutWorker:
     """Ray actor (``ray.remote(max_restarts=-1)(RolloutWorker)``): see the module docstring.
 
@@ -56,22 +88,11 @@ class RolloutWorker:
         self.serial = 0
         self.version = 0
         self.lora = lora
-        if lora:
-            from peft import LoraConfig
-
-            self.denoiser.add_adapter(
-                LoraConfig(
-                    r=lora["rank"],
-                    lora_alpha=lora["alpha"] or lora["rank"],
-                    init_lora_weights="gaussian",
-                    target_modules=lora["targets"],
-                )
-            )
+        attach_lora(self.denoiser, lora)
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        pipe = self.sampler.pipe
-        return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+        return pipeline_denoiser(self.sampler.pipe)
 
     def maybe_swap(self, store: Any) -> bool:
         """Load the newest publication of ``store`` if there is one newer than ours; True if swapped."""
@@ -81,12 +102,7 @@ class RolloutWorker:
         if latest is None:
             return False
         serial, version, (ref,) = latest
-        state = ray.get(ref)
-        missing, unexpected = self.denoiser.load_state_dict(state, strict=not self.lora)
-        if unexpected or (not self.lora and missing):
-            raise RuntimeError(
-                f"published policy does not fit the rollout's denoiser: {unexpected or missing}"
-            )
+        load_policy_state(self.denoiser, ray.get(ref), self.lora)
         self.serial, self.version = serial, version
         return True
 

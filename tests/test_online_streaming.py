@@ -4,7 +4,8 @@ Unit tests of the pair buffer's rules (capacity, staleness, at-most-once, ledger
 version without Ray Train; then two small streaming runs of the tiny SD3 (8 steps, 1 worker, sync every
 2 steps, 2 rollout actors, checkpoint every 4):
 
-* ``clean``: a rollout actor is killed once the second policy version is published;
+* ``clean``: a rollout actor is killed once the second policy version is published; the policy of step
+  4 is evaluated on held-out prompts beside training (``online.eval_every=4``);
 * ``faulted``: the training worker raises at step 6 (``train.fail_at_step``) and Ray Train restarts the
   group from the step-4 checkpoint.
 """
@@ -19,13 +20,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from prefopt_core.config import load_config
+from prefopt_core.config import ConfigError, load_config
 from ray_jobs.training.pair_buffer import VERSION_COLUMN, PairBufferState
-from ray_jobs.training.policy_sync import policy_version
+from ray_jobs.training.policy_sync import eval_due, policy_version
 from tests._runs import history
 
 STEPS = 8
 SYNC = 2
+EVAL_EVERY = 4
 
 
 def _rows(*ids: str) -> pa.Table:
@@ -154,6 +156,20 @@ def test_the_block_of_a_dead_rollout_no_longer_holds_others_back():
     assert buf.counts["rollout_restarts"] == 1
 
 
+def test_periodic_evaluations_are_due_every_eval_every_steps_before_the_last():
+    """eval_every 4: steps 4 and 8 of 10 (step 10 is the final evaluation's), step 4 only of 8; none
+    without eval_every."""
+    assert [s for s in range(11) if eval_due(s, 4, 10)] == [4, 8]
+    assert [s for s in range(9) if eval_due(s, 4, 8)] == [4]
+    assert not any(eval_due(s, None, 8) for s in range(9))
+
+
+def test_eval_every_must_be_a_multiple_of_sync_every():
+    """The evaluation takes a published policy: eval_every 3 with sync_every 2 is refused by name."""
+    with pytest.raises(ConfigError, match="online.eval_every=3 must be a multiple of online.sync_every=2"):
+        load_config(None, ["online.eval_every=3", "online.sync_every=2"])
+
+
 def test_policy_version_counts_finished_sync_intervals():
     """sync_every 4: steps 0-3 -> version 0, 4-7 -> 1, 8 -> 2."""
     assert [policy_version(s, 4) for s in (0, 3, 4, 7, 8)] == [0, 0, 1, 1, 2]
@@ -225,7 +241,7 @@ def clean_run(tmp_path_factory, tiny_sd3, ray_cluster):
     """``(config, summary, trainer builds)`` of the run whose rollout actor 0 is killed mid-run."""
     from ray_jobs import online_streaming
 
-    cfg = _config(tmp_path_factory.mktemp("stream_clean"), tiny_sd3)
+    cfg = _config(tmp_path_factory.mktemp("stream_clean"), tiny_sd3, f"online.eval_every={EVAL_EVERY}")
     builds = []
     original = online_streaming.build_streaming_trainer
 
@@ -276,6 +292,15 @@ def test_a_killed_rollout_actor_is_replaced_and_the_run_completes(clean_run):
     assert summary["rollout_restarts"] == 1 and not summary["rollout_errors"]
     assert summary["publications"][-1]["step"] == STEPS
     assert (Path(summary["final_export"]) / "config.json").is_file()
+
+
+def test_the_held_out_evaluation_is_logged_every_eval_every_steps(clean_run):
+    """eval_every 4 of 8 steps: the evaluator scores the step-4 publication beside training and the final
+    evaluation the step-8 export, so eval/brightness/mean and win_rate are logged at steps 4 and 8."""
+    cfg, summary, _ = clean_run
+    assert list(summary["periodic_evals"]) == ["4"]
+    for key in ("eval/brightness/mean", "eval/brightness/win_rate"):
+        assert [s for s, _ in history(cfg.tracking_uri, summary["mlflow_run_id"], key)] == [4, 8]
 
 
 @pytest.fixture(scope="module")
