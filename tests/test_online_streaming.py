@@ -166,7 +166,7 @@ def test_periodic_evaluations_are_due_every_eval_every_steps_before_the_last():
 
 def test_eval_every_must_be_a_multiple_of_sync_every():
     """The evaluation takes a published policy: eval_every 3 with sync_every 2 is refused by name."""
-    with pytest.raises(ConfigError, match="online.eval_every=3 must be a multiple of online.sync_every=2"):
+    with pytest.raises(ConfigError, match=r"online\.eval_every=3 must be a multiple of online\.sync_every=2"):
         load_config(None, ["online.eval_every=3", "online.sync_every=2"])
 
 
