@@ -7,7 +7,8 @@ version without Ray Train; then two small streaming runs of the tiny SD3 (8 step
 * ``clean``: a rollout actor is killed once the second policy version is published; the policy of step
   4 is evaluated on held-out prompts beside training (``online.eval_every=4``);
 * ``faulted``: the training worker raises at step 6 (``train.fail_at_step``) and Ray Train restarts the
-  group from the step-4 checkpoint.
+  group from the step-4 checkpoint; then the same command runs again on its workdir with 2 more steps
+  (``rerun``) and resumes from the step-8 checkpoint and the ledger.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from prefopt_core.config import ConfigError, load_config
+from prefopt_core.config import ConfigError, config_from_dict, load_config
 from ray_jobs.training.pair_buffer import VERSION_COLUMN, PairBufferState
 from ray_jobs.training.policy_sync import eval_due, policy_version
 from tests._runs import history
@@ -334,3 +335,28 @@ def test_no_pair_is_handed_out_twice_across_a_restart(faulted_run):
     ids = [r["pair_id"] for r in rows]
     assert len(ids) == len(set(ids)) >= STEPS
     assert all(0 <= r["trainer_version"] - r["version"] <= 1 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def rerun(faulted_run):
+    """The faulted run's command run again on its workdir with 2 more steps: the state a driver that died
+    after its step-8 checkpoint leaves (checkpoint, ledger, launch counter, MLflow run)."""
+    from ray_jobs.online_streaming import run_streaming
+
+    cfg, first = faulted_run
+    data = cfg.to_dict()
+    data["train"]["max_steps"] = STEPS + 2
+    return first, run_streaming(config_from_dict(data))
+
+
+def test_a_rerun_resumes_from_the_checkpoint_and_the_ledger(rerun):
+    """Launch 1 (attempt 1) resumes the same MLflow run from the step-8 checkpoint: its first publication
+    is a start at version 8 // 2 = 4, then step 10 (version 5); the ledger holds both launches' rows
+    (``online-r0:`` and ``online-r1:`` ids), none twice."""
+    first, second = rerun
+    assert second["attempt"] == 1 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    pubs = [(p["step"], p["version"], p["start"]) for p in second["publications"]]
+    assert pubs == [(8, 4, True), (10, 5, False)]
+    ids = [r["pair_id"] for r in _ledger(second)]
+    assert len(ids) == len(set(ids)) >= STEPS + 2
+    assert {i.split(":")[0] for i in ids} == {"online-r0", "online-r1"}
