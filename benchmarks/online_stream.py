@@ -54,6 +54,7 @@ def online_config(workdir: Path, base: Path, mode: str, name: str):
             "train.checkpoint_every=0",
             "train.resume=never",
             "train.sample_prompts=0",
+            "online.eval_every=null",  # no evaluator actor taking CPUs from the streaming arm
         ],
     )
 

@@ -271,6 +271,10 @@ class RegenerateSection(_Section):
     license: str = Field("other", description="Dataset card license, e.g. 'openrail++' for SDXL outputs.")
 
 
+#: ``online.on_stale``: what happens to rows sampled more than ``online.max_staleness`` versions ago.
+OnStale = Literal["drop", "wait"]
+
+
 class OnlineSection(_Section):
     rounds: int = Field(2, ge=1)
     prompts: str | None = None
@@ -303,8 +307,30 @@ class OnlineSection(_Section):
     reuse: int = Field(1, ge=1, description="streaming: times one pair may be trained on.")
     sync_every: int = Field(4, ge=1, description="streaming: optimizer steps between weight publications.")
     max_staleness: int = Field(
-        1, ge=0, description="streaming: rows sampled more than this many policy versions ago are dropped."
+        1,
+        ge=0,
+        description="streaming: rows sampled more than this many policy versions ago are not trained.",
     )
+    on_stale: OnStale = Field(
+        "drop",
+        description="streaming: drop (and count) rows above max_staleness, or wait: rollouts hold back so rows "
+        "stay within it and the trainer waits for fresh ones.",
+    )
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="streaming: held-out evaluation (eval section) of the policy published every this many "
+        "steps, beside training, logged as eval/... at that step; a multiple of sync_every; null: only at the end.",
+    )
+
+    @model_validator(mode="after")
+    def _check_eval_every(self) -> OnlineSection:
+        if self.eval_every is not None and self.eval_every % self.sync_every:
+            raise ValueError(
+                f"online.eval_every={self.eval_every} must be a multiple of online.sync_every={self.sync_every}: "
+                "the evaluation takes the policy published at that step."
+            )
+        return self
 
 
 class EvalSection(_Section):

@@ -13,7 +13,9 @@ are the recipe's "manifest"; the first ``reference.probe_size`` rows are the div
 :class:`~ray_jobs.training.context.StreamingContext`, restarts rollout loops whose actor died (Ray
 restarts the actor; the driver counts it), then closes the buffer, evaluates the export on held-out
 prompts (``eval`` section, logged as ``eval/<scorer>/...`` at the last step of the training run) and
-writes ``<workdir>/online_summary.json``.
+writes ``<workdir>/online_summary.json``. With ``online.eval_every`` an evaluator actor
+(:mod:`ray_jobs.online_eval`) also scores the policy published every ``eval_every`` steps while training
+goes on (logged at those steps); the driver waits for its queue after training.
 
 Everything lives under ``<workdir>/online_stream/``: ``ledger.jsonl`` (every row handed to training),
 ``attempt`` (launch counter: a rerun samples new ids and seeds) and the training run's ``ray_results``.
@@ -31,12 +33,15 @@ from typing import Any
 
 from prefopt_core.config import ConfigError, RunConfig, config_from_dict, flatten
 from ray_jobs.online_common import eval_config, eval_metrics, online_settings, resolve_prompts
+from ray_jobs.online_eval import await_results, eval_steps
 
 logger = logging.getLogger(__name__)
 
 STREAM_DIR = "online_stream"
 #: Seconds the driver waits for the rollouts' first rows before giving up.
 FIRST_ROWS_TIMEOUT_S = 600.0
+#: Seconds the driver waits, after training, for the periodic evaluations still queued.
+EVAL_TIMEOUT_S = 1800.0
 
 
 def next_attempt(stream_dir: Path) -> int:
@@ -56,7 +61,12 @@ def streaming_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = loop_config["inputs"].config
     ctx = StreamingContext(
-        loop_config["buffer"], loop_config["store"], cfg.online.sync_every, loop_config.get("progress_sink")
+        loop_config["buffer"],
+        loop_config["store"],
+        cfg.online.sync_every,
+        loop_config.get("progress_sink"),
+        eval_every=cfg.online.eval_every,
+        max_steps=cfg.train.max_steps,
     )
     run_recipe(WorkerRecipe(loop_config["inputs"], ctx))
 
@@ -92,7 +102,7 @@ class RolloutSupervisor:
                         continue
                     self.restarts += 1
                     logger.warning("rollout actor died (%s): waiting for Ray to restart it", exc)
-                    self.buffer.count_restart.remote()
+                    self.buffer.forget.remote(self.actors.index(actor))
                     if self._await_restart(actor):
                         pending[actor.run.remote(self.buffer, self.store)] = actor
                 except Exception as exc:  # a bug in sampling: keep it for the summary, do not loop on it
@@ -122,29 +132,44 @@ def rollout_actor_name(cfg: RunConfig, index: int) -> str:
     return f"{cfg.run.name}-rollout-{index}"
 
 
-def _start_actors(cfg: RunConfig, base: Path, prompts: list[str], attempt: int, stream_dir: Path):
-    """``(buffer, store, rollout actors)``."""
+def _start_actors(
+    cfg: RunConfig, base: Path, prompts: list[str], attempt: int, stream_dir: Path, run_id: str | None
+):
+    """``(buffer, store, rollout actors, evaluator or None)``; the evaluator (``online.eval_every``) asks
+    for the resources of one rollout actor."""
     import ray
 
     from pipelines.rollout import RolloutWorker
+    from ray_jobs.online_eval import PolicyEvaluator
     from ray_jobs.training.pair_buffer import PairBuffer
     from ray_jobs.training.policy_sync import PolicyStore
 
     o, m = cfg.online, cfg.model
-    buffer = ray.remote(num_cpus=0)(PairBuffer).remote(
-        o.buffer_pairs, o.max_staleness, o.reuse, str(stream_dir / "ledger.jsonl")
-    )
-    store = ray.remote(num_cpus=0)(PolicyStore).remote()
-    settings = vars(online_settings(cfg, base, m.init_denoiser, attempt)).copy()
     lora = (
         {"rank": m.lora_rank, "alpha": m.lora_alpha, "targets": list(m.lora_targets)} if m.lora_rank else None
     )
+    evaluator = None
+    if o.eval_every is not None:
+        evaluator = ray.remote(num_cpus=o.rollout_cpus, num_gpus=o.rollout_gpus)(PolicyEvaluator).remote(
+            cfg, str(base), run_id, lora
+        )
+    buffer = ray.remote(num_cpus=0)(PairBuffer).remote(
+        o.buffer_pairs,
+        o.max_staleness,
+        o.reuse,
+        str(stream_dir / "ledger.jsonl"),
+        o.on_stale,
+        o.sync_every,
+        cfg.train.batch_size * cfg.train.num_workers,
+    )
+    store = ray.remote(num_cpus=0)(PolicyStore).remote(evaluator)
+    settings = vars(online_settings(cfg, base, m.init_denoiser, attempt)).copy()
     actor_cls = ray.remote(num_cpus=o.rollout_cpus, num_gpus=o.rollout_gpus, max_restarts=-1)(RolloutWorker)
     actors = [
-        actor_cls.options(name=rollout_actor_name(cfg, i)).remote(settings, prompts, lora)
+        actor_cls.options(name=rollout_actor_name(cfg, i)).remote(settings, prompts, lora, i)
         for i in range(o.rollout_actors)
     ]
-    return buffer, store, actors
+    return buffer, store, actors, evaluator
 
 
 def _first_rows(buffer: Any, n: int, supervisor: RolloutSupervisor):
@@ -234,6 +259,23 @@ def _final_eval(cfg: RunConfig, export: Path, base: Path, run_id: str | None) ->
     return metrics
 
 
+def _wind_down(cfg: RunConfig, buffer: Any, store: Any, actors: list, evaluator: Any):
+    """After training: ``(buffer stats, publications, {step: periodic eval metrics})``; the rollouts are
+    stopped, the evaluator once its queued evaluations are done."""
+    import ray
+
+    stats = ray.get(buffer.stats.remote())
+    history = ray.get(store.get_history.remote())
+    for handle in actors:
+        ray.kill(handle, no_restart=True)
+    periodic = {}
+    if evaluator is not None:
+        steps = eval_steps(cfg.online.eval_every, cfg.train.max_steps)
+        periodic = await_results(evaluator, steps, EVAL_TIMEOUT_S)
+        ray.kill(evaluator)
+    return stats, history, periodic
+
+
 def run_streaming(cfg: RunConfig) -> dict[str, Any]:
     """Streaming online training (see the module docstring); returns (and writes) the summary."""
     import ray
@@ -260,7 +302,7 @@ def run_streaming(cfg: RunConfig) -> dict[str, Any]:
     attempt = next_attempt(stream_dir)
     base = prepare_base_model(cfg)
     identity, run_id = _open_run(cfg)
-    buffer, store, actors = _start_actors(cfg, base, prompts, attempt, stream_dir)
+    buffer, store, actors, evaluator = _start_actors(cfg, base, prompts, attempt, stream_dir, run_id)
     supervisor = RolloutSupervisor(actors, buffer, store).start()
     export_dir = stream_dir / "export"
     t0 = time.perf_counter()
@@ -287,10 +329,7 @@ def run_streaming(cfg: RunConfig) -> dict[str, Any]:
     finally:
         ray.get(buffer.close.remote())
         supervisor.stop()
-    stats = ray.get(buffer.stats.remote())
-    history = ray.get(store.get_history.remote())
-    for handle in actors:
-        ray.kill(handle, no_restart=True)
+    stats, history, periodic = _wind_down(cfg, buffer, store, actors, evaluator)
     denoiser = export_dir / _denoiser_subfolder(cfg, base)
     evals = _final_eval(cfg, denoiser, base, run_id) if cfg.train.export else {}
     if run_id is not None:
@@ -310,6 +349,7 @@ def run_streaming(cfg: RunConfig) -> dict[str, Any]:
         "publications": history,
         "rollout_restarts": supervisor.restarts,
         "rollout_errors": supervisor.errors,
+        "periodic_evals": {str(step): metrics for step, metrics in sorted(periodic.items())},
         "metrics": {**stats, **evals},
     }
     (cfg.workdir / "online_summary.json").write_text(json.dumps(summary, indent=1))

@@ -4,9 +4,11 @@ Unit tests of the pair buffer's rules (capacity, staleness, at-most-once, ledger
 version without Ray Train; then two small streaming runs of the tiny SD3 (8 steps, 1 worker, sync every
 2 steps, 2 rollout actors, checkpoint every 4):
 
-* ``clean``: a rollout actor is killed once the second policy version is published;
+* ``clean``: a rollout actor is killed once the second policy version is published; the policy of step
+  4 is evaluated on held-out prompts beside training (``online.eval_every=4``);
 * ``faulted``: the training worker raises at step 6 (``train.fail_at_step``) and Ray Train restarts the
-  group from the step-4 checkpoint.
+  group from the step-4 checkpoint; then the same command runs again on its workdir with 2 more steps
+  (``rerun``) and resumes from the step-8 checkpoint and the ledger.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from prefopt_core.config import load_config
+from prefopt_core.config import ConfigError, config_from_dict, load_config
 from ray_jobs.training.pair_buffer import VERSION_COLUMN, PairBufferState
-from ray_jobs.training.policy_sync import policy_version
+from ray_jobs.training.policy_sync import eval_due, policy_version
 from tests._runs import history
 
 STEPS = 8
 SYNC = 2
+EVAL_EVERY = 4
 
 
 def _rows(*ids: str) -> pa.Table:
@@ -105,6 +108,69 @@ def test_staleness_statistics_cover_the_rows_taken_since_the_last_call():
     assert "online/staleness_mean" not in buf.stats()
 
 
+def _waiting(**kw) -> PairBufferState:
+    """on_stale=wait, max_staleness 0, sync every 2 steps, 1 row per step (unless overridden)."""
+    return PairBufferState(
+        **{"capacity": 10, "max_staleness": 0, "on_stale": "wait", "sync_every": 2, "rows_per_step": 1, **kw}
+    )
+
+
+def test_wait_admits_a_block_only_if_its_rows_can_be_trained_within_the_bound():
+    """Trainer before step 1; version-0 rows are trainable for steps 1..T(0) = (0 + 0 + 1) * 2 = 2: 2 rows.
+    Rollouts 0 and 1 get a 1-prompt block each (0 + 1 <= 2, 1 + 1 <= 2); rollout 2 is held back (2 + 1 > 2).
+    Both rows are then taken for steps 1 and 2 at version (step - 1) // 2 = 0: staleness 0, nothing dropped.
+    After the take for step 2, version 0 has (2 - 2 + 1) * 1 - 1 = 0 trainable rows left: held back; with the
+    policy of version 1 (T(1) = 4: (4 - 2 + 1) * 1 - 1 = 2 rows) the block is admitted."""
+    buf = _waiting()
+    assert [buf.next_block(owner, version=0, prompts=1) for owner in (0, 1, 2)] == [0, 1, None]
+    buf.push(_rows("a"), version=0, owner=0)
+    buf.push(_rows("b"), version=0, owner=1)
+    taken = [buf.take(1, trainer_version=0, rank=0, step=s)[VERSION_COLUMN][0].as_py() for s in (1, 2)]
+    assert taken == [0, 0] and buf.counts["dropped_stale"] == 0
+    assert buf.next_block(2, version=0, prompts=1) is None
+    assert buf.next_block(2, version=1, prompts=1) == 2
+
+
+def test_wait_admits_an_oversized_block_into_an_idle_buffer():
+    """sync every step: T(0) = 1, one version-0 row is trainable. A 3-prompt block does not fit (3 > 1), but
+    nothing is buffered or in flight and one of its rows fits: admitted, so it cannot wait forever."""
+    buf = _waiting(sync_every=1)
+    assert buf.trainable_rows(0) == 1
+    assert buf.next_block(0, version=0, prompts=3) == 0
+
+
+def test_drop_never_holds_a_rollout_back():
+    """The state that holds rollout 2 back under wait (2 prompts in flight, 2 trainable) admits it under drop."""
+    buf = _waiting(on_stale="drop")
+    assert [buf.next_block(owner, version=0, prompts=1) for owner in (0, 1, 2)] == [0, 1, 2]
+
+
+def test_the_block_of_a_dead_rollout_no_longer_holds_others_back():
+    """Rollouts 0 and 1 fill the 2 trainable rows; rollout 2 waits until rollout 0's death is reported
+    (its block will never be pushed: 1 + 1 <= 2), and the restart is counted."""
+    buf = _waiting()
+    buf.next_block(0, version=0, prompts=1)
+    buf.next_block(1, version=0, prompts=1)
+    assert buf.next_block(2, version=0, prompts=1) is None
+    buf.forget(0)
+    assert buf.next_block(2, version=0, prompts=1) == 2
+    assert buf.counts["rollout_restarts"] == 1
+
+
+def test_periodic_evaluations_are_due_every_eval_every_steps_before_the_last():
+    """eval_every 4: steps 4 and 8 of 10 (step 10 is the final evaluation's), step 4 only of 8; none
+    without eval_every."""
+    assert [s for s in range(11) if eval_due(s, 4, 10)] == [4, 8]
+    assert [s for s in range(9) if eval_due(s, 4, 8)] == [4]
+    assert not any(eval_due(s, None, 8) for s in range(9))
+
+
+def test_eval_every_must_be_a_multiple_of_sync_every():
+    """The evaluation takes a published policy: eval_every 3 with sync_every 2 is refused by name."""
+    with pytest.raises(ConfigError, match=r"online\.eval_every=3 must be a multiple of online\.sync_every=2"):
+        load_config(None, ["online.eval_every=3", "online.sync_every=2"])
+
+
 def test_policy_version_counts_finished_sync_intervals():
     """sync_every 4: steps 0-3 -> version 0, 4-7 -> 1, 8 -> 2."""
     assert [policy_version(s, 4) for s in (0, 3, 4, 7, 8)] == [0, 0, 1, 1, 2]
@@ -176,7 +242,7 @@ def clean_run(tmp_path_factory, tiny_sd3, ray_cluster):
     """``(config, summary, trainer builds)`` of the run whose rollout actor 0 is killed mid-run."""
     from ray_jobs import online_streaming
 
-    cfg = _config(tmp_path_factory.mktemp("stream_clean"), tiny_sd3)
+    cfg = _config(tmp_path_factory.mktemp("stream_clean"), tiny_sd3, f"online.eval_every={EVAL_EVERY}")
     builds = []
     original = online_streaming.build_streaming_trainer
 
@@ -229,6 +295,15 @@ def test_a_killed_rollout_actor_is_replaced_and_the_run_completes(clean_run):
     assert (Path(summary["final_export"]) / "config.json").is_file()
 
 
+def test_the_held_out_evaluation_is_logged_every_eval_every_steps(clean_run):
+    """eval_every 4 of 8 steps: the evaluator scores the step-4 publication beside training and the final
+    evaluation the step-8 export, so eval/brightness/mean and win_rate are logged at steps 4 and 8."""
+    cfg, summary, _ = clean_run
+    assert list(summary["periodic_evals"]) == ["4"]
+    for key in ("eval/brightness/mean", "eval/brightness/win_rate"):
+        assert [s for s, _ in history(cfg.tracking_uri, summary["mlflow_run_id"], key)] == [4, 8]
+
+
 @pytest.fixture(scope="module")
 def faulted_run(tmp_path_factory, tiny_sd3, ray_cluster):
     from ray_jobs.online_streaming import run_streaming
@@ -260,3 +335,28 @@ def test_no_pair_is_handed_out_twice_across_a_restart(faulted_run):
     ids = [r["pair_id"] for r in rows]
     assert len(ids) == len(set(ids)) >= STEPS
     assert all(0 <= r["trainer_version"] - r["version"] <= 1 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def rerun(faulted_run):
+    """The faulted run's command run again on its workdir with 2 more steps: the state a driver that died
+    after its step-8 checkpoint leaves (checkpoint, ledger, launch counter, MLflow run)."""
+    from ray_jobs.online_streaming import run_streaming
+
+    cfg, first = faulted_run
+    data = cfg.to_dict()
+    data["train"]["max_steps"] = STEPS + 2
+    return first, run_streaming(config_from_dict(data))
+
+
+def test_a_rerun_resumes_from_the_checkpoint_and_the_ledger(rerun):
+    """Launch 1 (attempt 1) resumes the same MLflow run from the step-8 checkpoint: its first publication
+    is a start at version 8 // 2 = 4, then step 10 (version 5); the ledger holds both launches' rows
+    (``online-r0:`` and ``online-r1:`` ids), none twice."""
+    first, second = rerun
+    assert second["attempt"] == 1 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    pubs = [(p["step"], p["version"], p["start"]) for p in second["publications"]]
+    assert pubs == [(8, 4, True), (10, 5, False)]
+    ids = [r["pair_id"] for r in _ledger(second)]
+    assert len(ids) == len(set(ids)) >= STEPS + 2
+    assert {i.split(":")[0] for i in ids} == {"online-r0", "online-r1"}

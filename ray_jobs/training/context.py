@@ -145,20 +145,31 @@ class StreamingContext(RayTrainContext):
     (:mod:`ray_jobs.training.pair_buffer`) instead of a dataset shard, publishing the policy to the
     :class:`~ray_jobs.training.policy_sync.PolicyStore` every ``sync_every`` optimizer steps.
 
-    Batches: ``buffer.take(batch_size, trainer version, rank)``, retried every ``poll_s`` while the buffer
+    Batches: ``buffer.take(batch_size, trainer version, rank, next step)``, retried every ``poll_s`` while the buffer
     holds too few fresh rows (the wait is measured: ``online/trainer_wait_s`` and the idle fraction of the
     wall time since the previous step). The pass never ends; ``skip`` is ignored (streamed rows are never
-    replayed: a resumed worker takes new ones).
+    replayed: a resumed worker takes new ones). Publications of the steps
+    :func:`~ray_jobs.training.policy_sync.eval_due` names (``eval_every``, ``max_steps``) are also queued
+    for the held-out evaluation, which the step never waits for.
     """
 
     def __init__(
-        self, buffer: Any, store: Any, sync_every: int, progress_sink: Any | None = None, poll_s: float = 0.05
+        self,
+        buffer: Any,
+        store: Any,
+        sync_every: int,
+        progress_sink: Any | None = None,
+        poll_s: float = 0.05,
+        eval_every: int | None = None,
+        max_steps: int = 0,
     ) -> None:
         super().__init__(progress_sink)
         self.buffer, self.store = buffer, store
         self.sync_every = sync_every
+        self.eval_every, self.max_steps = eval_every, max_steps
         self.poll_s = poll_s
         self.version = 0
+        self.step = 0  # optimizer steps done: the next take is for step + 1
         self.wait_s = 0.0
         self._last_step_t = time.perf_counter()
 
@@ -167,23 +178,26 @@ class StreamingContext(RayTrainContext):
 
         while True:
             t0 = time.perf_counter()
-            table = ray.get(self.buffer.take.remote(batch_size, self.version, self.rank))
+            take = (batch_size, self.version, self.rank, self.step + 1)
+            table = ray.get(self.buffer.take.remote(*take))
             while table is None:
                 time.sleep(self.poll_s)
-                table = ray.get(self.buffer.take.remote(batch_size, self.version, self.rank))
+                table = ray.get(self.buffer.take.remote(*take))
             self.wait_s += time.perf_counter() - t0
             yield table
 
     def policy_step(self, step: int, state_fn: StateFn, *, start: bool = False) -> dict[str, float]:
         import ray
 
-        from ray_jobs.training.policy_sync import policy_version
+        from ray_jobs.training.policy_sync import eval_due, policy_version
 
+        self.step = step
         if start or step % self.sync_every == 0:
             self.version = policy_version(step, self.sync_every)
             state = state_fn()  # every rank: a collective under ZeRO-3
             if self.rank == 0:
-                ray.get(self.store.publish.remote(self.version, step, state, start))
+                evaluate = not start and eval_due(step, self.eval_every, self.max_steps)
+                ray.get(self.store.publish.remote(self.version, step, state, start, evaluate))
                 logger.info("published policy version %d at step %d", self.version, step)
         now = time.perf_counter()
         wall, wait = now - self._last_step_t, self.wait_s

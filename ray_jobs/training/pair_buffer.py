@@ -10,6 +10,19 @@ Rules (owned here):
   ``online.max_staleness`` are dropped and counted (``dropped_stale``); rows from a version *newer* than the
   trainer's (sampled by a policy that a training restart rolled back) are dropped and counted
   (``dropped_rollback``).
+* **on stale** ``online.on_stale``: ``drop`` (above) lets rollouts sample as far ahead as the capacity allows.
+  ``wait`` admits a rollout's next block (:meth:`PairBufferState.next_block`) only if every row buffered or
+  in flight can still be trained within the bound, so rows do not go stale: rollouts hold back and the
+  trainer waits for fresh rows instead (``online/trainer_wait_s``). With the trainer at optimizer step
+  ``s`` (the step its next take is for, ``t`` rows of it taken), ``r = train.batch_size * num_workers`` rows
+  per step and versions ``(step - 1) // sync_every`` at the take, a row of version ``v`` is trained within the
+  bound iff taken for a step ``<= T(v) = (v + max_staleness + 1) * sync_every``; rows are taken oldest first,
+  so a block of ``b`` prompts (at most ``b`` rows) is admitted iff ``buffered + in flight + b <=
+  (T(v_min) - s + 1) * r - t`` with ``v_min`` the lowest version among the block and those in flight (a later
+  block may push before them). An empty buffer with nothing in flight admits a block if at least one of its
+  rows is within the bound (a block larger than the bound cannot wait forever); a rollout whose policy is
+  too old waits for the next publication. Rows that still go stale (that block's surplus, a training
+  restart) are dropped and counted as under ``drop``.
 * **at most once**: every row handed out is written to the ledger (``ledger.jsonl``, one JSON line per row:
   pair id, sampling version, trainer version, rank) before the take returns; a row goes back into the
   buffer only while it has been handed out fewer than ``online.reuse`` times. A row handed to a worker whose
@@ -28,14 +41,18 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pyarrow as pa
+
+from prefopt_core.config import OnStale
 
 logger = logging.getLogger(__name__)
 
 #: Column added to every row: the policy version that sampled it.
 VERSION_COLUMN = "policy_version"
+#: ``online.on_stale`` values.
+ON_STALE: tuple[str, ...] = get_args(OnStale)
 
 
 @dataclass
@@ -64,6 +81,9 @@ class PairBufferState:
     max_staleness: int
     reuse: int = 1
     ledger_path: Path | None = None
+    on_stale: OnStale = "drop"
+    sync_every: int = 1  # wait: optimizer steps per policy version
+    rows_per_step: int = 1  # wait: rows the trainer takes per optimizer step (all ranks)
     rows: deque = field(default_factory=deque)
     handed: dict[str, int] = field(default_factory=dict)  # pair id -> times handed out (ledger)
     counts: dict[str, int] = field(
@@ -74,8 +94,13 @@ class PairBufferState:
     staleness: list[int] = field(default_factory=list)  # of rows taken since the last stats() call
     rollout: RolloutStats = field(default_factory=RolloutStats)
     closed: bool = False
+    trainer_step: int = 1  # the step the trainer's latest take was for
+    taken_for_step: int = 0  # rows taken for trainer_step so far
+    inflight: dict[int, tuple[int, int]] = field(default_factory=dict)  # rollout -> (version, prompts)
 
     def __post_init__(self) -> None:
+        if self.on_stale not in ON_STALE:
+            raise ValueError(f"on_stale must be one of {ON_STALE}, got {self.on_stale!r}")
         if self.ledger_path is not None and Path(self.ledger_path).exists():
             for line in Path(self.ledger_path).read_text().splitlines():
                 if line.strip():
@@ -83,13 +108,15 @@ class PairBufferState:
                     self.handed[pid] = self.handed.get(pid, 0) + 1
 
     # ------------------------------------------------------------------ rollouts
-    def push(self, table: pa.Table, version: int) -> str:
-        """Add ``table``'s rows sampled by policy ``version``: ``"ok"``, ``"full"`` (retry later) or
-        ``"closed"``. Ids already in the buffer or already handed out ``reuse`` times are refused loudly."""
+    def push(self, table: pa.Table, version: int, owner: int | None = None) -> str:
+        """Add ``table``'s rows sampled by policy ``version`` (the block of rollout ``owner``, which is no
+        longer in flight once accepted): ``"ok"``, ``"full"`` (retry later) or ``"closed"``. Ids already in
+        the buffer or already handed out ``reuse`` times are refused loudly."""
         if self.closed:
             return "closed"
         if self.rows and len(self.rows) + table.num_rows > self.capacity:
             return "full"
+        self.inflight.pop(owner, None)
         ids = table["pair_id"].to_pylist()
         present = {r.pair_id for r in self.rows}
         again = [p for p in ids if p in present or self.handed.get(p, 0) >= self.reuse]
@@ -125,12 +152,16 @@ class PairBufferState:
                 keep.append(row)
         self.rows = keep
 
-    def take(self, n: int, trainer_version: int, rank: int) -> pa.Table | None:
-        """``n`` rows (oldest first) within the staleness bound for a trainer at ``trainer_version``, or
-        ``None`` when fewer than ``n`` are available (the worker waits and asks again)."""
+    def take(self, n: int, trainer_version: int, rank: int, step: int | None = None) -> pa.Table | None:
+        """``n`` rows (oldest first) within the staleness bound for a trainer at ``trainer_version`` taking
+        for optimizer ``step`` (the next step; ``None``: unknown, fine under ``drop``), or ``None`` when fewer
+        than ``n`` are available (the worker waits and asks again)."""
         self._evict(trainer_version)
+        if step is not None and step != self.trainer_step:
+            self.trainer_step, self.taken_for_step = step, 0  # a new step, or a restart went back
         if len(self.rows) < n:
             return None
+        self.taken_for_step += n
         rows = [self.rows.popleft() for _ in range(n)]
         lines = []
         for row in rows:
@@ -172,6 +203,7 @@ class PairBufferState:
             "online/pairs_dropped_rollback": float(self.counts["dropped_rollback"]),
             "online/pairs_taken": float(self.counts["taken"]),
             "online/rollout_restarts": float(self.counts["rollout_restarts"]),
+            "online/rollout_held_back": float(self.counts.get("held_back", 0)),
         }
         if self.staleness:
             out["online/staleness_mean"] = sum(self.staleness) / len(self.staleness)
@@ -183,10 +215,33 @@ class PairBufferState:
             out["online/reward_mean"] = r.reward_sum / r.rewards
         return out
 
-    def next_block(self) -> int:
-        """A draw-block number no rollout (or restarted rollout) of this buffer got before."""
+    def trainable_rows(self, version: int) -> int:
+        """Rows the trainer still takes before rows of ``version`` exceed the staleness bound (see the module
+        docstring: ``(T(v) - s + 1) * r - t``; may be negative)."""
+        last_step = (version + self.max_staleness + 1) * self.sync_every  # T(v)
+        return (last_step - self.trainer_step + 1) * self.rows_per_step - self.taken_for_step
+
+    def next_block(self, owner: int = 0, version: int = 0, prompts: int = 0) -> int | None:
+        """A draw-block number no rollout (or restarted rollout) of this buffer got before, for rollout
+        ``owner`` about to sample ``prompts`` prompts with policy ``version``; under ``on_stale=wait``
+        ``None`` when the block could not be trained within the bound (the rollout asks again later,
+        after swapping in a newer policy if there is one)."""
+        self.inflight.pop(owner, None)  # its previous block is finished (pushed, or gave no pair)
+        if self.on_stale == "wait":
+            ahead = len(self.rows) + sum(p for _, p in self.inflight.values())
+            oldest = min([version, *(v for v, _ in self.inflight.values())])
+            idle_fits = ahead == 0 and self.trainable_rows(version) > 0  # at least one row in the bound
+            if ahead + prompts > self.trainable_rows(oldest) and not idle_fits:
+                self.counts["held_back"] = self.counts.get("held_back", 0) + 1
+                return None
+        self.inflight[owner] = (version, prompts)
         self.counts["blocks"] = self.counts.get("blocks", 0) + 1
         return self.counts["blocks"] - 1
+
+    def forget(self, owner: int) -> None:
+        """Rollout ``owner`` died: its block in flight will never be pushed."""
+        self.inflight.pop(owner, None)
+        self.counts["rollout_restarts"] += 1
 
     def close(self) -> None:
         self.closed = True
@@ -195,19 +250,34 @@ class PairBufferState:
 class PairBuffer:
     """The Ray actor around :class:`PairBufferState` (one per streaming run; ``ray.remote(PairBuffer)``)."""
 
-    def __init__(self, capacity: int, max_staleness: int, reuse: int, ledger_path: str | None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        max_staleness: int,
+        reuse: int,
+        ledger_path: str | None,
+        on_stale: OnStale = "drop",
+        sync_every: int = 1,
+        rows_per_step: int = 1,
+    ) -> None:
         self.state = PairBufferState(
-            capacity, max_staleness, reuse, Path(ledger_path) if ledger_path else None
+            capacity,
+            max_staleness,
+            reuse,
+            Path(ledger_path) if ledger_path else None,
+            on_stale,
+            sync_every,
+            rows_per_step,
         )
 
-    def push(self, table: pa.Table, version: int) -> str:
-        return self.state.push(table, version)
+    def push(self, table: pa.Table, version: int, owner: int | None = None) -> str:
+        return self.state.push(table, version, owner)
 
     def report_rollout(self, *args: Any) -> None:
         self.state.report_rollout(*args)
 
-    def take(self, n: int, trainer_version: int, rank: int) -> pa.Table | None:
-        return self.state.take(n, trainer_version, rank)
+    def take(self, n: int, trainer_version: int, rank: int, step: int | None = None) -> pa.Table | None:
+        return self.state.take(n, trainer_version, rank, step)
 
     def peek(self, n: int) -> pa.Table | None:
         return self.state.peek(n)
@@ -215,11 +285,11 @@ class PairBuffer:
     def stats(self) -> dict[str, float]:
         return self.state.stats()
 
-    def next_block(self) -> int:
-        return self.state.next_block()
+    def next_block(self, owner: int = 0, version: int = 0, prompts: int = 0) -> int | None:
+        return self.state.next_block(owner, version, prompts)
 
-    def count_restart(self) -> None:
-        self.state.counts["rollout_restarts"] += 1
+    def forget(self, owner: int) -> None:
+        self.state.forget(owner)
 
     def close(self) -> None:
         self.state.close()

@@ -9,6 +9,9 @@
 * **how**: :class:`PolicyStore` (a Ray actor) ``ray.put``s each publication, so rollouts read the tensors
   from the object store; each publication has a serial number, so a rolled-back (lower) version is still
   a change a rollout swaps to.
+* **evaluation**: the publications of the steps :func:`eval_due` names are also handed to the evaluator
+  actor (:class:`ray_jobs.online_eval.PolicyEvaluator`), which scores them on held-out prompts while
+  training goes on; the store owns the tensors, so a training restart does not lose them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ LORA_KEY = "lora_"
 def policy_version(step: int, sync_every: int) -> int:
     """Policy version after ``step`` optimizer steps: ``step // sync_every`` (steps 0-3 -> 0 at 4)."""
     return step // sync_every
+
+
+def eval_due(step: int, eval_every: int | None, max_steps: int) -> bool:
+    """Whether the policy after ``step`` gets a periodic held-out evaluation: every ``eval_every`` steps
+    before the last one (the last step's is the final evaluation of the export). ``eval_every`` 4 and 10
+    steps: steps 4 and 8; 8 steps: step 4 only."""
+    return eval_every is not None and 0 < step < max_steps and step % eval_every == 0
 
 
 def policy_state(
@@ -52,19 +62,30 @@ def state_fn(module: torch.nn.Module, cfg: Any, rank: int) -> Callable[[], dict[
 class PolicyStore:
     """Ray actor holding the latest published policy (``ray.remote(PolicyStore)``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, evaluator: Any = None) -> None:
+        self.evaluator = evaluator  # a PolicyEvaluator actor handle, or None
         self.serial = 0
         self.version = -1
         self.ref: Any = None
         self.history: list[dict[str, Any]] = []  # every publication: serial, version, step, start
 
-    def publish(self, version: int, step: int, state: dict[str, torch.Tensor], start: bool = False) -> int:
-        """Keep ``state`` (policy ``version`` after ``step`` steps; ``start``: a worker group's first)."""
+    def publish(
+        self,
+        version: int,
+        step: int,
+        state: dict[str, torch.Tensor],
+        start: bool = False,
+        evaluate: bool = False,
+    ) -> int:
+        """Keep ``state`` (policy ``version`` after ``step`` steps; ``start``: a worker group's first;
+        ``evaluate``: also queue it for the evaluator, without waiting for it)."""
         import ray
 
         self.serial += 1
         self.version = version
         self.ref = ray.put(state)
+        if evaluate and self.evaluator is not None:
+            self.evaluator.evaluate.remote(step, [self.ref])  # in a list: the evaluator gets the reference
         self.history.append({"serial": self.serial, "version": version, "step": step, "start": start})
         return self.serial
 
