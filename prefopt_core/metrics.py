@@ -35,7 +35,7 @@ import logging
 import torch
 from torch import Tensor
 
-from prefopt_core.timesteps import timestep_bin
+from prefopt_core.timesteps import METRIC_BINS, timestep_bin
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class BinAccumulator:
     ``bins/abs_margin_k = abs_margin_sum_k / count_k`` and ``bins/loss_k = loss_sum_k / count_k``.
     """
 
-    def __init__(self, num_train_timesteps: int, num_bins: int = 10) -> None:
+    def __init__(self, num_train_timesteps: int, num_bins: int = METRIC_BINS) -> None:
         if not 1 <= num_bins <= num_train_timesteps:
             raise ValueError(
                 f"num_bins must be in [1, num_train_timesteps={num_train_timesteps}], got {num_bins}"

@@ -46,6 +46,10 @@ FLOW_SIGMA_MAX = 1.0 - 1e-3
 DDPM_ALPHA_BAR_MIN = 2.0**-24
 
 
+#: Timestep bins of the per-bin training metrics (:func:`timestep_bin`, ``prefopt_core.metrics.BinAccumulator``).
+METRIC_BINS = 10
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
     """The training noise schedule, indexed by the integer training timestep ``t`` (larger = noisier).
@@ -285,7 +289,7 @@ def sample_timesteps(
     return _sample_gamma(n, num_train_timesteps, gamma, bins, generator)
 
 
-def timestep_bin(t: Tensor, num_train_timesteps: int, num_bins: int = 10) -> Tensor:
+def timestep_bin(t: Tensor, num_train_timesteps: int, num_bins: int = METRIC_BINS) -> Tensor:
     """Metric bin of each timestep, ``t * num_bins // T`` (int64, same shape as ``t``).
 
     Bins ascend with t like the timesteps themselves: bin 0 is the least noisy, bin ``num_bins-1`` the
