@@ -251,3 +251,18 @@ def test_weight_shape_hand_example() -> None:
     (0.5, 0.75, 1) reaches 0.1 and 0.5 at lambda = 1 and 0.9 at lambda = 2."""
     shape = weight_shape(torch.tensor([1.0, 1.5, 2.0]), torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
     assert (shape.mean, shape.p10, shape.p50, shape.p90) == pytest.approx((1.375, 1.0, 1.0, 2.0))
+
+
+def test_objective_reads_the_calibration_of_its_config(tmp_path) -> None:
+    """PreferenceObjective.from_config builds lambda from the config's calibration file: T = 8 flow sigmas,
+    table (2, 1, 1.6, 1) over 4 bins -> (1, 1, 1.625, 1.625, 1.625, 1.625, 2, 2) as in the piecewise test."""
+    from types import SimpleNamespace
+
+    from prefopt_core.objective import PreferenceObjective
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(calibration_record([2.0, 1.0, 1.6, 1.0], {})))
+    cfg = load_config(None, ["loss.timestep_weight=calibrated", f"loss.timestep_weight_calibration={path}"])
+    adapter = SimpleNamespace(schedule=flow(*torch.linspace(0.1, 0.9, 8).tolist()))
+    objective = PreferenceObjective.from_config(adapter, cfg)  # type: ignore[arg-type]
+    assert objective.lambda_table.tolist() == [1.0, 1.0, 1.625, 1.625, 1.625, 1.625, 2.0, 2.0]
