@@ -25,7 +25,8 @@ from prefopt_core.losses import resolved_beta as _resolved_beta
 from prefopt_core.models.base import Family
 from prefopt_core.reference import OnExceed, ReferenceStrategy, check_strategy
 from prefopt_core.storage import Location, StorageError, is_uri, local_scratch
-from prefopt_core.timesteps import Sampling, TimestepConfig, TimestepWeight
+from prefopt_core.timestep_weights import CALIBRATION_KEY, TimestepWeight
+from prefopt_core.timesteps import Sampling, TimestepConfig
 
 #: ``model.pretrained`` value that trains the toy testbed's base model (``pipelines.toy_base``).
 TOY_BASE = "toy-base"
@@ -145,9 +146,31 @@ class LossSection(_Section):
     undesirable_weight: float = Field(1.0, ge=0)
     timestep_weight: TimestepWeight = Field(
         "none",
-        description="λ(t) scaling the implicit reward of dpo/kto: none, or inv_sqrt_snr = 1 + minmax(1/√SNR(t)) "
-        "(Rethinking DPO).",
+        description="λ(t) in [1, 2] scaling the implicit reward of dpo/kto: none; inv_sqrt_snr = 1 + "
+        "minmax(1/√SNR(t)) (Rethinking DPO); inv_sqrt_snr_ddpm_range (1/√SNR min-maxed over SD1.5/SDXL's "
+        "DDPM range); log_snr (min-max over log-SNR); calibrated (per-bin, from a calibration run). Shapes: "
+        "`prefopt timesteps CONFIG`.",
     )
+    timestep_weight_calibration: str | None = Field(
+        None,
+        description="timestep_weight=calibrated: the calibration JSON (path or URI) written by "
+        "`prefopt timesteps CONFIG --calibrate RUN_ID` from a calibration run's bins/abs_margin_k.",
+    )
+
+    @model_validator(mode="after")
+    def _check_calibration(self) -> LossSection:
+        calibrated = self.timestep_weight == "calibrated"
+        if calibrated and self.timestep_weight_calibration is None:
+            raise ValueError(
+                f"loss.timestep_weight=calibrated needs {CALIBRATION_KEY}: the JSON written by "
+                "`prefopt timesteps CONFIG --calibrate RUN_ID`"
+            )
+        if not calibrated and self.timestep_weight_calibration is not None:
+            raise ValueError(
+                f"{CALIBRATION_KEY} is read only by loss.timestep_weight=calibrated "
+                f"(got {self.timestep_weight})"
+            )
+        return self
 
     def resolved_beta(self) -> float:
         """``beta``, or the loss's default (:data:`prefopt_core.losses.DEFAULT_BETA`)."""

@@ -29,7 +29,7 @@ import yaml
 from pipelines.cache_format import CacheMismatchError
 from pipelines.sharded_build import PlanMismatchError
 from prefopt_core.config import ConfigError, RunConfig
-from ray_jobs import compare, config_help, console, memory_plan, preflight
+from ray_jobs import compare, config_help, console, memory_plan, preflight, timestep_report
 from ray_jobs.compare import CompareError
 
 #: Sections every Ray command reads.
@@ -102,6 +102,12 @@ COMMANDS: dict[str, Command] = {
             ("model", "loss", "reference", "train"),
         ),
         Command(
+            "timesteps",
+            "the shape of each timestep weight lambda(t) over a config's training timesteps, its gamma bins' "
+            "sigma ranges; --calibrate RUN_ID writes the table of lambda=calibrated",
+            ("model", "loss", "timesteps", "tracking"),
+        ),
+        Command(
             "config",
             "print the resolved config (file + overrides + defaults) as YAML: config show CONFIG",
             config_help.all_sections(),
@@ -172,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if cmd.name == "plan":
             memory_plan.add_arguments(p)
+            continue
+        if cmd.name == "timesteps":
+            timestep_report.add_arguments(p)
             continue
         if cmd.name == "config":
             p.add_argument("action", choices=["show"], help="show: print the resolved config as YAML")
@@ -272,6 +281,8 @@ def _dispatch(ns: argparse.Namespace, options: console.ConsoleOptions) -> int:
         return compare.run(ns)
     if cmd.name == "plan":
         return memory_plan.run(ns)
+    if cmd.name == "timesteps":
+        return timestep_report.run(ns)
     cfg = load_run_config(cmd, ns.args)
     if cmd.name == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"), flush=True)
@@ -288,7 +299,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     unknown = [a for a in extra if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    positional = {"compare": "config", "plan": "overrides"}.get(ns.command_name, "args")
+    positional = {"compare": "config", "plan": "overrides", "timesteps": "overrides"}.get(ns.command_name, "args")
     setattr(ns, positional, [*getattr(ns, positional), *extra])
     return ns
 

@@ -271,7 +271,7 @@ class WorkerRecipe:
             for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
             if "reward_margin" in out.loss_output.per_sample:
-                self.bins.update(out.t, out.loss_output.per_sample["reward_margin"])
+                self.bins.update(out.t, out.loss_output.per_sample["reward_margin"], out.loss_output.losses)
         return sums, data_s
 
     def train(self) -> dict[str, float]:
