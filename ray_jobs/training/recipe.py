@@ -34,6 +34,7 @@ from prefopt_core.objective import PreferenceBatch
 from prefopt_core.reference import LIVE_STRATEGIES
 from prefopt_core.storage import Location
 from ray_jobs.training.context import RayTrainContext, WorkerContext
+from ray_jobs.training.step_metrics import progress_extra, reduce_step_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class WorkerRecipe:
             lr_scheduler=scheduler,
             config=ds_config(cfg, self.world, size=self.model_size),
         )
+        self._zero3_engines = [self.engine] if cfg.train.zero_stage == 3 else []
         self.objective = PreferenceObjective.from_config(self.adapter, cfg)
         self.refs = self._reference_manager()
         self.reference = self.refs.reference
@@ -159,6 +161,7 @@ class WorkerRecipe:
                 model=reference, config=ds_config(cfg, self.world, size=self.model_size, reference=True)
             )
             ref_engine.eval()
+            self._zero3_engines.append(ref_engine)
             return ref_engine.module
         return reference.to(self.device)
 
@@ -167,7 +170,6 @@ class WorkerRecipe:
         from prefopt_core.models.base import per_sample_mse
         from prefopt_core.probe import build_probe
         from prefopt_core.reference import ReferenceManager
-        from prefopt_core.weights import zero3_copy
 
         cfg, adapter = self.cfg, self.adapter
         probe_table = self.inputs.probe
@@ -194,10 +196,23 @@ class WorkerRecipe:
             probe=probe,
             errors_fn=errors_fn if probe is not None else None,
             pretrained_fn=lambda: adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32),
-            copy_fn=zero3_copy,
+            copy_fn=self._copy_weights,
             chunk_size=2 * cfg.train.batch_size,
             device=self.device,
         )
+
+    def _release_zero3(self) -> None:
+        """Wait for and release every ZeRO-3 parameter a forward pass left gathered or in flight (its
+        prefetches), so weights can be gathered outside forward/backward; every rank (collective-free)."""
+        for engine in self._zero3_engines:
+            engine.empty_partition_cache()
+
+    def _copy_weights(self, src: torch.nn.Module, dst: torch.nn.Module) -> None:
+        """The reference update's copy (either side may be ZeRO-3 partitioned)."""
+        from prefopt_core.weights import zero3_copy
+
+        self._release_zero3()
+        zero3_copy(src, dst)
 
     def _resume(self) -> None:
         """Restore engine, reference and :class:`TrainState` from the latest checkpoint, if there is one."""
@@ -333,7 +348,7 @@ class WorkerRecipe:
         metrics, or ``{}`` when nothing was pending."""
         if not pending:
             return {}
-        reduced = self._reduce([entry["device"] for _, entry in pending])
+        reduced = reduce_step_metrics([entry["device"] for _, entry in pending], self.device, self.world)
         metrics: dict[str, float] = {}
         for (step, entry), values in zip(pending, reduced, strict=True):
             metrics = {**values, **entry["host"]}
@@ -344,7 +359,7 @@ class WorkerRecipe:
                     self.metrics.log(self.initial_metrics, 0)
                 self.metrics.log(metrics, step)
             if progress is not None:
-                progress.update(1, **self._progress_extra(metrics))
+                progress.update(1, **progress_extra(metrics, self.last_checkpoint_step))
         return metrics
 
     def _progress(self) -> Progress | None:
@@ -359,31 +374,6 @@ class WorkerRecipe:
             start_done=self.state.step,
             sink=self.ctx.progress,
         )
-
-    def _progress_extra(self, metrics: dict[str, float]) -> dict[str, Any]:
-        extra = {k: metrics[k] for k in ("loss", "implicit_acc", "reward_margin") if k in metrics}
-        extra["pairs/s"] = metrics["pairs_per_s"]
-        if self.last_checkpoint_step is not None:
-            extra["checkpoint"] = f"step {self.last_checkpoint_step}"
-        return extra
-
-    def _reduce(self, steps: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
-        """Mean over workers of each step's metrics: all steps in one flat device tensor, one all-reduce
-        (on the device: NCCL only reduces GPU tensors) and one copy to the host. ``grad_norm`` is the same
-        global norm on every rank, so its mean is itself."""
-        import torch.distributed as dist
-
-        layout = [(i, k) for i, sums in enumerate(steps) for k in sorted(sums)]
-        if not layout:
-            return [{} for _ in steps]
-        vec = torch.stack([steps[i][k].detach().float().to(self.device).reshape(()) for i, k in layout])
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(vec)
-            vec /= self.world
-        out: list[dict[str, float]] = [{} for _ in steps]
-        for (i, k), v in zip(layout, vec.cpu().tolist(), strict=True):
-            out[i][k] = v
-        return out
 
     def _eval_metrics(self) -> dict[str, float]:
         """KL estimates on the probe and per-timestep-bin accuracy/margin since the last eval."""
@@ -414,6 +404,7 @@ class WorkerRecipe:
         rank 0 writes the completion marker after a barrier, and each hands its directory to the context."""
         import torch.distributed as dist
 
+        self._release_zero3()  # the reference's state dict is gathered below
         tmp = Path(tempfile.mkdtemp(prefix=f"prefopt-ckpt-r{self.rank}-"))
         self.engine.save_checkpoint(
             str(tmp),
@@ -443,6 +434,8 @@ class WorkerRecipe:
         import torch.distributed as dist
 
         from ray_jobs.export import export_full, export_lora, gather_full_state_dict
+
+        self._release_zero3()
 
         module = self.engine.module
         state = gather_full_state_dict(module, zero_stage=self.cfg.train.zero_stage, rank=self.rank)
