@@ -260,7 +260,7 @@ def run_actor_pool(
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=num_actors,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
         num_gpus=1 if ray.cluster_resources().get("GPU", 0) > 0 else 0,
     )
