@@ -199,29 +199,9 @@ def _manifest_of(rows) -> dict[str, Any]:
 def build_streaming_trainer(cfg: RunConfig, loop_config: dict[str, Any], storage: Path):
     """One ``TorchTrainer`` (no datasets: the workers read the pair buffer), checkpoints and restarts as
     ``prefopt train``'s."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray_jobs.training.driver import make_trainer
 
-    t = cfg.train
-    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    return TorchTrainer(
-        streaming_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=RayRunConfig(
-            name=cfg.run.name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
-        ),
-    )
+    return make_trainer(cfg, streaming_loop_per_worker, loop_config, storage=storage)
 
 
 def _open_run(cfg: RunConfig):

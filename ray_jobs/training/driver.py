@@ -148,9 +148,11 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, dict, Any]:
     return base, manifest, adapter
 
 
-def build_trainer(cfg: RunConfig, inputs: RecipeInputs, dataset, progress_sink):
-    """The ``TorchTrainer`` of a run: ``train.num_workers`` workers (gloo on CPU, NCCL on GPUs), Ray Train
-    checkpoints under ``<workdir>/ray_results/<run.name>``, ``train.max_failures`` restarts."""
+def make_trainer(cfg: RunConfig, loop_fn, loop_config: dict[str, Any], *, storage, dataset=None):
+    """A ``TorchTrainer`` running ``loop_fn(loop_config)`` on ``train.num_workers`` workers (gloo on CPU,
+    NCCL on GPUs), Ray Train checkpoints under ``<storage>/<run.name>``, ``train.max_failures`` restarts,
+    and, given a ``dataset``, its ordered split as the workers' ``"train"`` shard. Shared by ``prefopt
+    train`` and streaming online training (whose workers read a pair buffer instead of a dataset)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -160,9 +162,17 @@ def build_trainer(cfg: RunConfig, inputs: RecipeInputs, dataset, progress_sink):
 
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    data: dict[str, Any] = {}
+    if dataset is not None:
+        # ordered splits: every worker sees the same pairs in the same order on every (re)start, which
+        # is what makes resumed runs and ZeRO stages reproduce each other
+        data = {
+            "datasets": {"train": dataset},
+            "dataset_config": DataConfig(execution_options=ingest_options()),
+        }
     return TorchTrainer(
-        recipe_module.train_loop_per_worker,
-        train_loop_config={"inputs": inputs, "progress_sink": progress_sink},
+        loop_fn,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -171,14 +181,22 @@ def build_trainer(cfg: RunConfig, inputs: RecipeInputs, dataset, progress_sink):
         ),
         run_config=RayRunConfig(
             name=cfg.run.name,
-            storage_path=str(cfg.workdir / "ray_results"),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
         ),
-        datasets={"train": dataset},
-        # ordered splits: every worker sees the same pairs in the same order on every (re)start, which
-        # is what makes resumed runs and ZeRO stages reproduce each other
-        dataset_config=DataConfig(execution_options=ingest_options()),
+        **data,
+    )
+
+
+def build_trainer(cfg: RunConfig, inputs: RecipeInputs, dataset, progress_sink):
+    """The ``TorchTrainer`` of ``prefopt train``: the worker recipe on the cache dataset."""
+    return make_trainer(
+        cfg,
+        recipe_module.train_loop_per_worker,
+        {"inputs": inputs, "progress_sink": progress_sink},
+        storage=cfg.workdir / "ray_results",
+        dataset=dataset,
     )
 
 
