@@ -132,6 +132,7 @@ LOCATION_KEYS = (
     ("model", "init_denoiser", True),
     ("regenerate", "output_dir", False),
     ("eval", "baseline", True),
+    ("loss", "timestep_weight_calibration", True),
 )
 
 
@@ -206,5 +207,12 @@ def check_inputs(cfg: RunConfig, sections: Iterable[str]) -> None:
     for section, key in PROMPT_FILES:
         if section in sections:
             check_prompt_file(f"{section}.{key}", getattr(getattr(cfg, section), key))
+    calibration = cfg.loss.timestep_weight_calibration
+    local_calibration = "loss" in sections and calibration and not is_uri(calibration)
+    if local_calibration and not Path(calibration).expanduser().is_file():
+        raise PreflightError(
+            f"loss.timestep_weight_calibration {calibration} does not exist; write it with "
+            "`prefopt timesteps CONFIG --calibrate RUN_ID --out PATH`"
+        )
     if "tracking" in sections:
         check_tracking(cfg)

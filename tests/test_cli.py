@@ -168,6 +168,14 @@ def test_missing_prompt_file(tmp_path):
     assert_user_error(prefopt("eval", f"eval.prompts={missing}"), f"eval.prompts {missing} does not exist")
 
 
+def test_missing_timestep_weight_calibration(tmp_path):
+    missing = tmp_path / "calibration.json"
+    assert_user_error(
+        prefopt("train", "loss.timestep_weight=calibrated", f"loss.timestep_weight_calibration={missing}"),
+        f"loss.timestep_weight_calibration {missing} does not exist",
+    )
+
+
 def test_unreachable_tracking_server_before_anything_starts(tmp_path):
     """Nothing listens on port 9 of 127.0.0.1 (discard; closed here): the connection is refused at once.
     The message says how to run anyway; no workdir is made, since nothing started."""
