@@ -1,10 +1,11 @@
 """Ray Train + DeepSpeed training end to end on the tiny SD3 (2 workers, gloo, CPU): the fixed-batch loss,
 a worker failure, a killed driver, ZeRO-2/ZeRO-3 equivalence, the cache's two read paths.
 
-Two 10-step runs of the same seed share one 8-pair cache: ZeRO-2 through an injected worker failure and
-ZeRO-3 through a killed driver and its rerun. Every Ray Train run costs tens of seconds of start-up on 2
-cores, so the checks of both runs are spread over several tests instead of each starting its own run.
-(LoRA and an unreachable tracking server are in tests/test_train_ops.py.)
+Two 10-step runs of the same seed share one 8-pair cache, each in its own fixture (a failure of one
+does not stop the tests of the other): ZeRO-2 through an injected worker failure and ZeRO-3 through a
+killed driver and its rerun. A Ray Train run costs tens of seconds of start-up, so each run's checks are
+several tests over one run. The recipe's own resume, LoRA and ZeRO-3 reference updates are tested in one
+process in tests/test_recipe.py; an unreachable tracking server in tests/test_train_ops.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,15 +57,11 @@ COMMON = ["train.max_steps=10", "train.checkpoint_every=3"]
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory, tiny_sd3, cache8, ray_cluster):
-    """Two 10-step runs of the same seed with a reference update every 5 steps (checkpoints every 3).
-
-    * ZeRO-2, in this process: one worker raises at step 5 (``train.fail_at_step``), and Ray Train
-      restarts the group from the step-3 checkpoint (``train.max_failures=1``).
-    * ZeRO-3, as ``python -m ray_jobs.cli train`` joined to the session's Ray (as a second driver joins a
-      cluster): SIGKILLed once its first checkpoint exists, then the same command again, which resumes.
-    """
-    wd = tmp_path_factory.mktemp("zero")
+def zero2_run(tmp_path_factory, tiny_sd3, cache8, ray_cluster):
+    """A 10-step ZeRO-2 run (reference update every 5 steps, checkpoints every 3), in this process: one
+    worker raises at step 5 (``train.fail_at_step``), and Ray Train restarts the group from the step-3
+    checkpoint (``train.max_failures=1``). Returns ``(workdir, summary)``."""
+    wd = tmp_path_factory.mktemp("zero2")
     z2 = run_training(
         load_config(
             ROOT / "configs/demo.yaml",
@@ -76,6 +74,15 @@ def zero_runs(tmp_path_factory, tiny_sd3, cache8, ray_cluster):
             ],
         )
     )
+    return wd, z2
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, tiny_sd3, cache8, ray_cluster):
+    """The same run under ZeRO-3, as ``python -m ray_jobs.cli train`` joined to the session's Ray (as a
+    second driver joins a cluster): SIGKILLed once its first checkpoint exists, then the same command
+    again, which resumes. Returns ``(summary, console output of the rerun)``."""
+    wd = tmp_path_factory.mktemp("zero3")
     args = [
         sys.executable,
         "-m",
@@ -87,9 +94,8 @@ def zero_runs(tmp_path_factory, tiny_sd3, cache8, ray_cluster):
         "train.zero_stage=3",
         f"ray.address={ray_cluster.get_runtime_context().gcs_address}",
     ]
-    env = {**os.environ, "PREFOPT_LOG_LEVEL": "WARNING"}
     first = subprocess.Popen(
-        args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     storage = wd / "z3" / "ray_results" / "z3"
     deadline = time.time() + 300  # a hang guard, not a timing check
@@ -99,10 +105,10 @@ def zero_runs(tmp_path_factory, tiny_sd3, cache8, ray_cluster):
     assert list(storage.glob("step_*")), "no checkpoint within 300 s"
     os.killpg(first.pid, signal.SIGKILL)  # the driver (its job's actors are ended by Ray, not the cluster)
     first.wait()
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     z3 = json.loads((wd / "z3" / "train_summary.json").read_text())
-    return wd, z2, SimpleNamespace(**z3)
+    return SimpleNamespace(**z3), done.stdout + done.stderr
 
 
 def fixed_batch_loss(adapter, cache_dir, policy, reference, beta: float) -> float:
@@ -121,7 +127,7 @@ def fixed_batch_loss(adapter, cache_dir, policy, reference, beta: float) -> floa
         return float(objective(policy, batch, epoch=0, reference=reference).loss)
 
 
-def test_two_worker_zero2_dpo_lowers_fixed_batch_loss(zero_runs, tiny_sd3, cache8):
+def test_two_worker_zero2_dpo_lowers_fixed_batch_loss(zero2_run, tiny_sd3, cache8):
     """The 2-worker ZeRO-2 run (10 steps over the 8 cached pairs, through one failure and restart).
 
     Expected: (1) before training policy == reference, so the fixed-batch DPO loss (beta 500, all 8
@@ -130,7 +136,7 @@ def test_two_worker_zero2_dpo_lowers_fixed_batch_loss(zero_runs, tiny_sd3, cache
     prefers the chosen images); (3) MLflow holds each required metric at steps 1..10 exactly once; (4) the
     export loads into StableDiffusion3Pipeline and generates a 32x32 image.
     """
-    _, z2, _ = zero_runs
+    _, z2 = zero2_run
     client = mlflow.MlflowClient(z2.mlflow_tracking_uri)
     for key in METRICS:
         steps = [m.step for m in client.get_metric_history(z2.mlflow_run_id, key)]
@@ -157,10 +163,10 @@ def test_two_worker_zero2_dpo_lowers_fixed_batch_loss(zero_runs, tiny_sd3, cache
     assert image.size == (32, 32)
 
 
-def test_fault_injection_ends_with_unique_contiguous_steps(zero_runs):
+def test_fault_injection_ends_with_unique_contiguous_steps(zero2_run):
     """The worker raising at step 5 restarts the group from the step-3 checkpoint; the run still ends at
     max_steps=10 and every metric has exactly the steps 1..10 (steps 4-5 logged once, not twice)."""
-    wd, z2, _ = zero_runs
+    wd, z2 = zero2_run
     assert (wd / "z2" / ".fault_injected_z2_5").exists(), "the fault must have fired"
     for key in ("loss", "implicit_acc", "reward_margin"):
         steps = [s for s, _ in history(z2.mlflow_tracking_uri, z2.mlflow_run_id, key)]
@@ -170,11 +176,11 @@ def test_fault_injection_ends_with_unique_contiguous_steps(zero_runs):
     assert z2.final_metrics["step"] == 10
 
 
-def test_rerun_after_driver_kill_resumes(zero_runs):
+def test_rerun_after_driver_kill_resumes(zero3_run):
     """The ZeRO-3 driver was SIGKILLed once its first checkpoint existed; the same command again resumed
     the run (same MLflow run, from the checkpoint) and ended at max_steps=10 with each step logged once
     (steps the killed attempt logged after its checkpoint are not logged again)."""
-    _, _, z3 = zero_runs
+    z3, _ = zero3_run
     assert z3.resumed_run is True and z3.final_metrics["step"] == 10
     for key in ("loss", "implicit_acc", "reward_margin"):
         assert [s for s, _ in history(z3.mlflow_tracking_uri, z3.mlflow_run_id, key)] == list(range(1, 11)), (
@@ -182,12 +188,12 @@ def test_rerun_after_driver_kill_resumes(zero_runs):
         )
 
 
-def test_zero2_and_zero3_agree_including_reference_updates(zero_runs):
+def test_zero2_and_zero3_agree_including_reference_updates(zero2_run, zero3_run):
     """Same seed, data order and per-pair noise: ZeRO-3 (partitioned policy, sharded inference-only
     reference, gathered reference copy) must follow the ZeRO-2 trajectory to float tolerance over 10
     steps, with 2 reference updates (steps 5 and 10) -- although ZeRO-2 went through a worker failure and
     restart and ZeRO-3 through a killed driver and a rerun: both resumes are exact."""
-    _, z2, z3 = zero_runs
+    (_, z2), (z3, _) = zero2_run, zero3_run
     for key in ("loss", "reward_margin", "mse/policy_w", "mse/ref_w"):
         a = np.array([v for _, v in history(z2.mlflow_tracking_uri, z2.mlflow_run_id, key)])
         b = np.array([v for _, v in history(z3.mlflow_tracking_uri, z3.mlflow_run_id, key)])
@@ -200,6 +206,18 @@ def test_zero2_and_zero3_agree_including_reference_updates(zero_runs):
     w3 = SD3Transformer2DModel.from_pretrained(z3.export_dir).state_dict()
     for k in w2:
         torch.testing.assert_close(w2[k], w3[k], rtol=1e-3, atol=1e-4)
+
+
+def test_train_console_shows_progress_and_no_ray_noise(zero3_run):
+    """``prefopt train``'s console (the resumed ZeRO-3 run, steps 4..10 of 10): progress lines from the
+    rank-0 relay with step k/10, the loss and an ETA while steps remain, and none of Ray Train's
+    ``PlacementGroupCleaner`` warnings (Ray's own logs stay in the session logs)."""
+    _, console = zero3_run
+    lines = [line for line in console.splitlines() if re.search(r"train: \d+/10 steps", line)]
+    assert lines, console[-3000:]
+    assert any("loss" in line and "ETA" in line for line in lines), lines
+    assert "train: 10/10 steps" in lines[-1]
+    assert "PlacementGroupCleaner" not in console
 
 
 def test_require_resume_without_checkpoint_fails_loudly(tmp_path, tiny_sd3, cache8):
