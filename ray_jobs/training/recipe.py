@@ -298,7 +298,12 @@ class WorkerRecipe:
         from ray_jobs.training.policy_sync import state_fn
 
         cfg = self.cfg
-        publish = state_fn(self.engine.module, cfg, self.rank)  # what rollouts sample from, if any
+        policy_state = state_fn(self.engine.module, cfg, self.rank)  # what rollouts sample from, if any
+
+        def publish():
+            self._release_zero3()  # the state is gathered outside forward/backward
+            return policy_state()
+
         self.ctx.policy_step(self.state.step, publish, start=True)  # every rank
         batches = self._batches()
         progress = self._progress()
