@@ -264,7 +264,7 @@ def run_streaming(cfg: RunConfig) -> dict[str, Any]:
     from ray_jobs import tracking
     from ray_jobs.cluster import ensure_ray
     from ray_jobs.training.progress_relay import ProgressRelay
-    from ray_jobs.training.recipe import RecipeInputs
+    from ray_jobs.training.state import RecipeInputs
 
     if cfg.reference.strategy == "precomputed":
         raise ConfigError(

@@ -25,7 +25,8 @@ from prefopt_core.objective import PreferenceObjective
 from prefopt_core.timesteps import TimestepConfig
 from ray_jobs import tracking
 from ray_jobs.training.context import LocalContext
-from ray_jobs.training.recipe import RecipeInputs, WorkerRecipe, run_recipe
+from ray_jobs.training.recipe import WorkerRecipe, run_recipe
+from ray_jobs.training.state import RecipeInputs
 from tests._runs import history, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

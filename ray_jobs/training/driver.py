@@ -17,7 +17,7 @@ from typing import Any
 from pipelines.base_model import prepare_base_model
 from prefopt_core.config import ConfigError, RunConfig, flatten
 from ray_jobs.training import recipe as recipe_module
-from ray_jobs.training.recipe import RecipeInputs
+from ray_jobs.training.state import RecipeInputs
 
 logger = logging.getLogger(__name__)
 
