@@ -240,16 +240,21 @@ def load_run_config(cmd: Command, args: list[str]) -> RunConfig:
 
 
 def run_command(cmd: Command, cfg: RunConfig, options: console.ConsoleOptions) -> dict[str, Any]:
-    """Start Ray if the command uses it, run the command, stop Ray (so nothing it says comes after the
-    summary), return the summary."""
+    """Start Ray if the command uses it, run the command, stop the Ray it started (so nothing Ray says
+    comes after the summary), return the summary. A Ray this process was already connected to (a caller
+    that runs several commands in one session) is left running."""
+    import ray
+
     from ray_jobs.cluster import ensure_ray, shutdown_ray
 
-    if "ray" in cmd.sections:
+    owns_ray = "ray" in cmd.sections and not ray.is_initialized()
+    if owns_ray:
         ensure_ray(cfg, verbose=options.verbose)
     try:
         result = _call(cmd.target, cfg)
     finally:
-        shutdown_ray()
+        if owns_ray:
+            shutdown_ray()
     return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
 
 
@@ -299,7 +304,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     unknown = [a for a in extra if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    positional = {"compare": "config", "plan": "overrides", "timesteps": "overrides"}.get(ns.command_name, "args")
+    positional = {"compare": "config", "plan": "overrides", "timesteps": "overrides"}.get(
+        ns.command_name, "args"
+    )
     setattr(ns, positional, [*getattr(ns, positional), *extra])
     return ns
 

@@ -197,3 +197,22 @@ def test_json_log_format_errors_are_json(tmp_path):
     record = json.loads(done.stderr)
     assert record["level"] == "ERROR" and record["command"] == "train"
     assert record["message"].endswith("nope.yaml does not exist")
+
+
+def _summary_of(cfg: RunConfig) -> dict:
+    return {"workdir": str(cfg.workdir)}
+
+
+def test_command_run_in_process_leaves_the_callers_ray_running(ray_cluster, tmp_path):
+    """A caller that already runs Ray (a notebook, a test session, a script running several commands) gets
+    it back running: the CLI stops only a Ray it started itself."""
+    from prefopt_core.config import load_config
+    from ray_jobs.cli import Command, run_command
+    from ray_jobs.console import ConsoleOptions
+
+    cmd = Command(
+        "probe", "a command that reads the ray section", ("run", "ray"), "tests.test_cli:_summary_of"
+    )
+    cfg = load_config(None, [f"run.workdir={tmp_path}"])
+    assert run_command(cmd, cfg, ConsoleOptions()) == {"workdir": str(tmp_path)}
+    assert ray_cluster.is_initialized()
