@@ -413,9 +413,7 @@ def generate_online_cache(
     elapsed = time.perf_counter() - t0
     build.finish(units)
     progress.finish()
-    stats = online_statistics(
-        cache_dir, [f.relative_to(cache_dir).as_posix() for f in build.files(SHARDS_DIR)]
-    )
+    stats = online_statistics(cache_dir, [f"{SHARDS_DIR}/{f.name}" for f in build.files(SHARDS_DIR)])
     manifest = write_manifest(
         cache_dir,
         fp,

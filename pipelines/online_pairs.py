@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipelines.cache_format import SHAPES_KEY, pair_key
+from pipelines.sharded_build import read_parquet
 from pipelines.tensor_columns import to_column
+from prefopt_core.storage import Location
 
 if TYPE_CHECKING:
     from pipelines.online import OnlineSettings
@@ -220,12 +221,12 @@ def unkeep(result: ChunkResult, prompts: list[int], reason: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def _skipped_stats(cache_dir: Path) -> tuple[list[str], Counter[str], list[float]]:
-    files = sorted(p.relative_to(cache_dir).as_posix() for p in (cache_dir / SKIPPED_DIR).glob("f*.parquet"))
+def _skipped_stats(cache_dir: Location) -> tuple[list[str], Counter[str], list[float]]:
+    files = sorted(f"{SKIPPED_DIR}/{p.name}" for p in (cache_dir / SKIPPED_DIR).glob("f*.parquet"))
     reasons: Counter[str] = Counter()
     all_scores: list[float] = []
     for f in files:
-        t = pq.read_table(cache_dir / f, columns=["reason", "scores"])
+        t = read_parquet(cache_dir / f, columns=["reason", "scores"])
         reasons.update(t["reason"].to_pylist())
         all_scores += [x for row in t["scores"].to_pylist() for x in row]
     return files, reasons, all_scores
@@ -236,11 +237,12 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def online_statistics(cache_dir: Path, manifest_files: list[str]) -> dict[str, Any]:
+def online_statistics(cache_dir: str | Path | Location, manifest_files: list[str]) -> dict[str, Any]:
     """Counts and score statistics of a finished round (``None`` for a mean over nothing)."""
+    cache_dir = Location(cache_dir)
     score_w, score_l, all_scores = [], [], []
     for f in manifest_files:
-        t = pq.read_table(cache_dir / f, columns=["score_w", "score_l", "scores"])
+        t = read_parquet(cache_dir / f, columns=["score_w", "score_l", "scores"])
         score_w += t["score_w"].to_pylist()
         score_l += t["score_l"].to_pylist()
         all_scores += [x for row in t["scores"].to_pylist() for x in row]
