@@ -351,11 +351,9 @@ class Location:
         if dest.exists() and not marker.exists():  # an unfinished copy: start again
             shutil.rmtree(dest, ignore_errors=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        if single_file:
-            tmp.mkdir(parents=True)
-            pafs.copy_files(self.path, str(tmp / self.name), self.fs, pafs.LocalFileSystem())
-        else:
-            pafs.copy_files(self.path, str(tmp), self.fs, pafs.LocalFileSystem())
+        tmp.mkdir(parents=True)  # copy_files makes the directories of nested files only
+        target = tmp / self.name if single_file else tmp
+        pafs.copy_files(self.path, str(target), self.fs, pafs.LocalFileSystem())
         (tmp / COPY_MARKER).write_text(json.dumps({"fingerprint": fp, "source": self.uri}))
         try:
             os.replace(tmp, dest)
