@@ -12,8 +12,9 @@ a head node and a worker node, each with the logical CPUs, custom resources and 
 The cluster lives in a process of its own so that it shares no Ray state with the test process (which may
 be connected to the session's local Ray), and ends when the test process closes the pipe or dies.
 
-SPEC_JSON: ``{"nodes": [{"name": "a", "num_cpus": 2, "resources": {"a": 1}, "env": {...}}, ...]}``; the first
-node is the head.
+SPEC_JSON: ``{"temp_dir": DIR, "nodes": [{"name": "a", "num_cpus": 2, "resources": {"a": 1}, "env": {...}},
+...]}``; the first node is the head; every node keeps its sessions and logs under
+``DIR`` (keep it short: Ray's unix sockets live there).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main(spec: dict) -> None:
             num_cpus=node["num_cpus"],
             resources=node.get("resources", {}),
             env_vars=node.get("env", {}),
+            temp_dir=spec["temp_dir"],
             include_dashboard=False,
             dashboard_agent_listen_port=None,  # a free port: another Ray on this machine may hold the default
         )

@@ -30,6 +30,7 @@ LONGEST_FIRST = (
     "test_cluster_submit.py",
     "test_train_families.py",
     "test_train_ops.py",
+    "test_two_node_bucket.py",
     "test_online_streaming.py",
     "test_online.py",
     "test_benchmarks.py",

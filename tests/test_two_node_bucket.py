@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -96,7 +98,7 @@ class _Cluster:
 @pytest.fixture(scope="module")
 def bucket_run(tmp_path_factory, s3_bucket, tiny_sd3):
     """The bucket run on two nodes: ``{"tmp", "prefix", "scratch", "secret", "console", "actors",
-    "summary", "session_dir"}``."""
+    "summary", "ray_logs"}``."""
     tmp = tmp_path_factory.mktemp("two_node")
     prefix = f"{s3_bucket}/two-node"
     source = write_synthetic_pickapic(tmp / "src.parquet", num_pairs=4, seed=7, image_size=40)
@@ -106,7 +108,9 @@ def bucket_run(tmp_path_factory, s3_bucket, tiny_sd3):
     scratch = {name: tmp / f"scratch-{name}" for name in ("a", "b")}
     # one intra-op thread everywhere: the local counterparts run with one too (like with like)
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "OMP_NUM_THREADS": "1", "PREFOPT_LOG_LEVEL": "INFO"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="prefopt-2n-"))  # short: Ray's unix sockets live under it
     spec = {
+        "temp_dir": str(ray_tmp),
         "nodes": [
             {
                 "name": "a",
@@ -120,7 +124,7 @@ def bucket_run(tmp_path_factory, s3_bucket, tiny_sd3):
                 "resources": {"node_b": 1},
                 "env": {"PREFOPT_LOCAL_DIR": str(scratch["b"])},
             },
-        ]
+        ],
     }
     cluster = _Cluster(spec, env)
     try:
@@ -147,7 +151,7 @@ def bucket_run(tmp_path_factory, s3_bucket, tiny_sd3):
         actors = cluster.actors(tmp / "actors.json")
     finally:
         cluster.close()
-    return {
+    yield {
         "tmp": tmp,
         "prefix": prefix,
         "scratch": scratch,
@@ -155,7 +159,9 @@ def bucket_run(tmp_path_factory, s3_bucket, tiny_sd3):
         "console": done.stdout + done.stderr,
         "actors": actors,
         "summary": Location(f"{prefix}/run/demo_summary.json").read_json(),
+        "ray_logs": ray_tmp,
     }
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _rows(cache_dir) -> list[dict]:
@@ -290,14 +296,15 @@ def test_the_secret_is_in_no_file_the_run_wrote_nor_its_console(bucket_run):
     """AWS_SECRET_ACCESS_KEY (a unique token every process of the run had) appears in none of the objects
     the run wrote to the bucket (summaries, resolved config, manifest, checkpoints), none of the files in
     either node's scratch dir (the command log, local copies, exports), the MLflow store (params,
-    artifacts), nor the command's console output."""
+    artifacts), the Ray session logs of both nodes (driver, workers, raylets), nor the command's console
+    output."""
     secret = bucket_run["secret"].encode()
     assert secret not in bucket_run["console"].encode()
     prefix = Location(bucket_run["prefix"])
     objects = prefix.rglob("*")
     assert any(o.name == "resolved_config.json" for o in objects)
     leaks = [o.uri for o in objects if secret in o.read_bytes()]
-    files = [p for p in bucket_run["tmp"].rglob("*") if p.is_file()]
+    files = [p for root in ("tmp", "ray_logs") for p in bucket_run[root].rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in files) and any(p.name == LOG_FILE for p in files)
     leaks += [str(p) for p in files if secret in p.read_bytes()]
     assert leaks == []
