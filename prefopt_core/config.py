@@ -215,6 +215,11 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = False
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement of the training workers: PACK (few nodes), SPREAD (many nodes), "
+        "STRICT_PACK (one node), STRICT_SPREAD (one worker per node).",
+    )
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False

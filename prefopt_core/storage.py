@@ -9,9 +9,10 @@ resolve (``s3://bucket/prefix``, ``gs://bucket/prefix``, ``hdfs://...``), or fai
 * :meth:`Location.write_bytes` (and the parquet/JSON/text writers) publish atomically: a local file is
   written to a temp file and renamed; an object is uploaded in one PUT (a store shows an object only once
   its upload completes), so a reader never sees half a file on either;
-* :meth:`Location.local_dir` makes a remote directory (a pipeline, a denoiser) readable by libraries that
-  need a local path: it is copied once per node into :func:`local_scratch`, keyed and checked by a
-  fingerprint of the listing (names, sizes, modification times).
+* :meth:`Location.local_dir` (and :meth:`Location.local_file`) make a remote directory (a pipeline, a
+  denoiser) or file (a prompt list) readable by libraries that need a local path: it is copied once per
+  node into :func:`local_scratch`, keyed and checked by a fingerprint of the listing (names, sizes,
+  modification times).
 
 Credentials and endpoints come from the ordinary places (the AWS/GCS environment variables and config
 files, ``AWS_ENDPOINT_URL`` for S3-compatible stores): a URI carrying a user, password or query string is
@@ -309,13 +310,18 @@ class Location:
 
     # ---- remote directories read through a local copy
     def fingerprint(self) -> str:
-        """Hash of the directory listing below this location (relative names, sizes, modification times)."""
-        base = self.path.rstrip("/")
-        rows = sorted(
-            (i.path[len(base) + 1 :], i.size, i.mtime_ns or 0)
-            for i in self._listing(True)
-            if i.base_name != COPY_MARKER
-        )
+        """Hash of what is below this location (relative names, sizes, modification times); of the object
+        itself when this is a file."""
+        if self.is_file():
+            info = self._info()
+            rows = [(self.name, info.size, info.mtime_ns or 0)]
+        else:
+            base = self.path.rstrip("/")
+            rows = sorted(
+                (i.path[len(base) + 1 :], i.size, i.mtime_ns or 0)
+                for i in self._listing(True)
+                if i.base_name != COPY_MARKER
+            )
         return hashlib.sha1(json.dumps([self.uri, rows]).encode()).hexdigest()[:16]
 
     def local_dir(self, scratch: Path | None = None) -> Path:
@@ -324,17 +330,30 @@ class Location:
         listing keeps its fingerprint (a copy is complete only once its marker holds that fingerprint)."""
         if self.is_local:
             return Path(self.uri)
+        return self._local_copy(scratch or local_scratch(), single_file=False)
+
+    def local_file(self, scratch: Path | None = None) -> Path:
+        """A local path holding this file: the path itself when local; else
+        ``<scratch>/remote/<name>-<fingerprint>/<name>``, downloaded once per node like :meth:`local_dir`."""
+        if self.is_local:
+            return Path(self.uri)
+        return self._local_copy(scratch or local_scratch(), single_file=True) / self.name
+
+    def _local_copy(self, scratch: Path, *, single_file: bool) -> Path:
+        """The complete local copy of this remote directory (or of this one file, inside a directory)."""
+        import pyarrow.fs as pafs
+
         fp = self.fingerprint()
-        dest = (scratch or local_scratch()) / "remote" / f"{self.name}-{fp}"
+        dest = scratch / "remote" / f"{self.name}-{fp}"
         marker = dest / COPY_MARKER
         if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp:
             return dest
-        import pyarrow.fs as pafs
-
         if dest.exists() and not marker.exists():  # an unfinished copy: start again
             shutil.rmtree(dest, ignore_errors=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        pafs.copy_files(self.path, str(tmp), self.fs, pafs.LocalFileSystem())
+        tmp.mkdir(parents=True)  # copy_files makes the directories of nested files only
+        target = tmp / self.name if single_file else tmp
+        pafs.copy_files(self.path, str(target), self.fs, pafs.LocalFileSystem())
         (tmp / COPY_MARKER).write_text(json.dumps({"fingerprint": fp, "source": self.uri}))
         try:
             os.replace(tmp, dest)
@@ -351,8 +370,10 @@ def location(where: str | os.PathLike | Location) -> Location:
 
 
 def local_path(where: str | os.PathLike | Location | None) -> str | None:
-    """A local path for a file or directory location (a remote directory is copied once per node, see
-    :meth:`Location.local_dir`); ``None``, hub ids and other non-location strings pass through unchanged."""
+    """A local path for a file or directory location (a remote one is copied once per node, see
+    :meth:`Location.local_dir` and :meth:`Location.local_file`); ``None``, hub ids and other non-location
+    strings pass through unchanged."""
     if where is None or not is_uri(where):
         return None if where is None else os.fspath(where)
-    return str(location(where).local_dir())
+    loc = location(where)
+    return str(loc.local_file() if loc.is_file() else loc.local_dir())

@@ -15,6 +15,11 @@ pipeline's VAE, text encoders and scheduler. The baseline (``eval.baseline``, de
 built on demand for ``tiny``) is the model ``base``. Default names: the path without trailing
 ``transformer``/``unet``/``export`` parts, last component (``/w/run1/export/transformer`` -> ``run1``).
 
+Every path may be a local path or an object-store URI (:mod:`prefopt_core.storage`): models and prompt
+files in a bucket are read through a per-node local copy; with ``run.workdir`` in a bucket the grid and
+``results.json`` are written to the node's scratch directory (``cfg.scratch_dir``), logged to MLflow from
+there and uploaded to ``<workdir>/eval``.
+
 Generation runs in-process (one pipeline in memory at a time, on CUDA when available); every model starts
 from the same noise per seed (paired). Logs one MLflow run (tag ``prefopt.command=eval``) in
 ``cfg.tracking.experiment`` with metrics ``eval/<model>/<scorer>/{mean,std,win_rate,win_rate_seed_mean,
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 
 from prefopt_core.config import ConfigError, RunConfig, flatten
+from prefopt_core.storage import Location, local_path
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +52,18 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """One model to evaluate: a display/metric name, a directory, and what the directory holds."""
+    """One model to evaluate: a display/metric name, a directory (local or in a bucket), and what it holds."""
 
     name: str
-    path: Path
+    path: Location
     kind: Literal["pipeline", "denoiser"]
 
 
 # ------------------------------------------------------------------------------------------- model sources
-def default_name(path: Path, denoiser_subfolder: str) -> str:
-    """``/w/run1/export/transformer`` -> ``run1``: drop trailing denoiser/``export`` parts, keep the last one."""
-    parts = list(path.expanduser().resolve().parts)
+def default_name(path: str | Path | Location, denoiser_subfolder: str) -> str:
+    """``/w/run1/export/transformer`` (or ``s3://b/run1/export/transformer``) -> ``run1``: drop trailing
+    denoiser/``export`` parts, keep the last one."""
+    parts = [p for p in Location(path).uri.split("/") if p]
     while len(parts) > 1 and parts[-1] in {denoiser_subfolder, "transformer", "unet", "export"}:
         parts.pop()
     return parts[-1] if parts else str(path)
@@ -69,13 +76,13 @@ def sanitize_name(name: str) -> str:
 
 def resolve_source(
     entry: str, denoiser_subfolder: str
-) -> tuple[str | None, Path, Literal["pipeline", "denoiser"]]:
+) -> tuple[str | None, Location, Literal["pipeline", "denoiser"]]:
     """``"[NAME=]PATH"`` -> ``(name or None, directory, kind)``; FileNotFoundError names the accepted layouts."""
     name, raw = None, entry
     head, sep, tail = entry.partition("=")
     if sep and tail and _NAME_RE.match(head):
         name, raw = head, tail
-    path = Path(raw).expanduser()
+    path = Location(raw)
     if (path / "model_index.json").is_file():
         return name, path, "pipeline"
     if (path / "config.json").is_file():
@@ -104,13 +111,13 @@ def resolve_models(entries: list[str], denoiser_subfolder: str) -> list[ModelSou
     return out
 
 
-def baseline_dir(cfg: RunConfig) -> Path:
+def baseline_dir(cfg: RunConfig) -> Location:
     """``eval.baseline`` (a pipeline directory), else ``model.pretrained`` (tiny models are built on demand)."""
     if cfg.eval.baseline is None:
         from pipelines.base_model import prepare_base_model
 
         return prepare_base_model(cfg)
-    path = Path(cfg.eval.baseline).expanduser()
+    path = Location(cfg.eval.baseline)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"eval.baseline={cfg.eval.baseline!r} is not a diffusers pipeline directory (no model_index.json)"
@@ -215,7 +222,7 @@ def generate_and_score(
 
 def write_outputs(out_dir: Path, gen: Generated, results: dict, prompts: list[str], meta: dict) -> list[Path]:
     """``grid.png`` (rows = models, columns = prompts, first seed) and ``results.json`` (per-sample scores,
-    detections, stats, ``meta``) under ``out_dir``; returns both paths."""
+    detections, stats, ``meta``) under the local directory ``out_dir``; returns both paths."""
     from pipelines.evaluation import as_jsonable, image_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +233,13 @@ def write_outputs(out_dir: Path, gen: Generated, results: dict, prompts: list[st
     results_path = out_dir / "results.json"
     results_path.write_text(json.dumps(as_jsonable(payload), indent=1))
     return [grid_path, results_path]
+
+
+def output_staging(cfg: RunConfig) -> Path:
+    """The local directory the outputs are written to: ``<workdir>/eval`` itself when the workdir is local,
+    else ``<scratch dir>/eval`` (uploaded to ``<workdir>/eval`` afterwards)."""
+    output = cfg.workdir / "eval"
+    return output.local if output.is_local else cfg.scratch_dir / "eval"
 
 
 def run_eval(cfg: RunConfig) -> dict[str, Any]:
@@ -248,7 +262,7 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
     if not sources:
         logger.warning("eval.models is empty: scoring the baseline only (no win rates)")
     models = {BASELINE_NAME: str(base), **{s.name: str(s.path) for s in sources}}
-    prompts = load_prompts(cfg.eval.prompts, cfg.eval.num_prompts)
+    prompts = load_prompts(local_path(cfg.eval.prompts), cfg.eval.num_prompts)
     labels = scorer_labels(cfg.eval.scorers)
     scorers = dict(zip(labels, (build_scorer(spec) for spec in cfg.eval.scorers), strict=True))
 
@@ -258,8 +272,11 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
         gen = generate_and_score(cfg, adapter, sources, prompts, scorers)
         results = summarize(gen.scores, BASELINE_NAME, gen.detections)
         meta = {"seeds": seeds, "baseline": BASELINE_NAME, "models": models}
-        files = write_outputs(cfg.workdir / "eval", gen, results, prompts, meta)
+        output = cfg.workdir / "eval"
+        files = write_outputs(output_staging(cfg), gen, results, prompts, meta)
         _log_to_mlflow(uri, run_id, results, seeds, files)
+        if not output.is_local:
+            output.upload_dir(files[0].parent)
     except BaseException:
         tracking.set_terminated(uri, run_id, "FAILED")
         raise
@@ -267,9 +284,9 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
     return {
         "mlflow_tracking_uri": uri,
         "mlflow_run_id": run_id,
-        "output_dir": str(cfg.workdir / "eval"),
-        "grid": str(files[0]),
-        "results_json": str(files[1]),
+        "output_dir": str(output),
+        "grid": str(output / files[0].name),
+        "results_json": str(output / files[1].name),
         "num_prompts": len(prompts),
         "seeds": seeds,
         "scorers": labels,
@@ -284,7 +301,9 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _start_run(uri: str, cfg: RunConfig, base: Path, sources: list[ModelSource], labels: list[str]) -> str:
+def _start_run(
+    uri: str, cfg: RunConfig, base: Location, sources: list[ModelSource], labels: list[str]
+) -> str:
     """A new MLflow run for this evaluation, with the eval/model config and model paths as params."""
     from ray_jobs import tracking
 

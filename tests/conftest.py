@@ -30,6 +30,7 @@ LONGEST_FIRST = (
     "test_cluster_submit.py",
     "test_train_families.py",
     "test_train_ops.py",
+    "test_two_node_bucket.py",
     "test_online_streaming.py",
     "test_online.py",
     "test_benchmarks.py",
@@ -110,3 +111,33 @@ def cache8(tmp_path_factory, tiny_sd3, ray_cluster) -> Path:
     from tests._cache import synthetic_cache
 
     return synthetic_cache(tmp_path_factory.mktemp("train_cache"), tiny_sd3, num_pairs=8, seed=21)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo process group on 127.0.0.1 and the launcher variables DeepSpeed reads, as a
+    launcher (torchrun, Ray Train) would set them (for the one-process worker recipe)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -9,8 +9,6 @@ batch shapes and kernels, so the two trajectories are compared like with like.
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -31,34 +29,6 @@ from tests._runs import history, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo process group on 127.0.0.1 and the launcher variables DeepSpeed reads, as a
-    launcher (torchrun, Ray Train) would set them."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _recipe(

@@ -83,3 +83,17 @@ def test_remote_dir_copied_once_per_fingerprint(s3_bucket, tmp_path, monkeypatch
     (model / "unet" / "w.bin").write_bytes(b"012345")
     second = local_path(model.uri)
     assert second != first and Path(second, "unet", "w.bin").read_bytes() == b"012345"
+
+
+def test_flat_remote_dir_and_single_file_copied(s3_bucket, tmp_path, monkeypatch):
+    """A remote directory holding only top-level files (an exported denoiser) and a single remote file (a
+    prompt list) both come back as local paths with their bytes: ``<copy>/config.json`` and
+    ``<copy>/prompts.txt`` (the file keeps its name inside its copy directory)."""
+    monkeypatch.setenv("PREFOPT_LOCAL_DIR", str(tmp_path / "scratch"))
+    flat = Location(f"{s3_bucket}/storage/flat")
+    (flat / "config.json").write_json({"b": 2})
+    prompts = Location(f"{s3_bucket}/storage/prompts.txt")
+    prompts.write_text("a red circle\n")
+    assert Path(local_path(flat.uri), "config.json").read_bytes() == (flat / "config.json").read_bytes()
+    local = Path(local_path(prompts.uri))
+    assert local.name == "prompts.txt" and local.read_text() == "a red circle\n"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefopt_core.config import ConfigError, RunConfig
+from prefopt_core.storage import Location
 
 #: DeepSpeed's own default for ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance`` (elements).
 DEEPSPEED_LIVE_DEFAULT = 1_000_000_000
@@ -60,12 +60,12 @@ class ModelSize:
 
 def denoiser_config(pipeline_dir: str | Path) -> dict[str, Any]:
     """The denoiser's ``config.json`` (``transformer/`` or ``unet/``, as ``model_index.json`` names it),
-    read as JSON: no weights are loaded."""
-    root = Path(pipeline_dir)
-    index = json.loads((root / "model_index.json").read_text())
+    read as JSON: no weights are loaded (a pipeline in a bucket is read there)."""
+    root = Location(pipeline_dir)
+    index = (root / "model_index.json").read_json()
     for sub in ("transformer", "unet"):
         if sub in index:
-            return json.loads((root / sub / "config.json").read_text())
+            return (root / sub / "config.json").read_json()
     raise ConfigError(f"{root / 'model_index.json'} names no transformer or unet component")
 
 

@@ -150,7 +150,7 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, dict, Any]:
 
 def make_trainer(cfg: RunConfig, loop_fn, loop_config: dict[str, Any], *, storage, dataset=None):
     """A ``TorchTrainer`` running ``loop_fn(loop_config)`` on ``train.num_workers`` workers (gloo on CPU,
-    NCCL on GPUs), Ray Train checkpoints under ``<storage>/<run.name>``, ``train.max_failures`` restarts,
+    NCCL on GPUs) placed by ``train.placement_strategy``, Ray Train checkpoints under ``<storage>/<run.name>``, ``train.max_failures`` restarts,
     and, given a ``dataset``, its ordered split as the workers' ``"train"`` shard. Shared by ``prefopt
     train`` and streaming online training (whose workers read a pair buffer instead of a dataset)."""
     import ray
@@ -178,6 +178,7 @@ def make_trainer(cfg: RunConfig, loop_fn, loop_config: dict[str, Any], *, storag
             num_workers=t.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=t.placement_strategy,
         ),
         run_config=RayRunConfig(
             name=cfg.run.name,
