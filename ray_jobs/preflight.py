@@ -133,6 +133,7 @@ LOCATION_KEYS = (
     ("regenerate", "output_dir", False),
     ("eval", "baseline", True),
     ("loss", "timestep_weight_calibration", True),
+    *((section, key, True) for section, key in PROMPT_FILES),
 )
 
 
@@ -205,8 +206,9 @@ def check_inputs(cfg: RunConfig, sections: Iterable[str]) -> None:
     if "data" in sections and not (cfg.data.source and is_uri(cfg.data.source)):
         check_data_source(cfg.data.source)
     for section, key in PROMPT_FILES:
-        if section in sections:
-            check_prompt_file(f"{section}.{key}", getattr(getattr(cfg, section), key))
+        value = getattr(getattr(cfg, section), key)
+        if section in sections and not (value and is_uri(value)):  # a URI was probed with the locations
+            check_prompt_file(f"{section}.{key}", value)
     calibration = cfg.loss.timestep_weight_calibration
     local_calibration = "loss" in sections and calibration and not is_uri(calibration)
     if local_calibration and not Path(calibration).expanduser().is_file():
