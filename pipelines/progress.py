@@ -111,11 +111,12 @@ class Progress:
         }
 
     def update(self, n: int = 1, **extra: Any) -> None:
-        """Add ``n`` done units; ``extra`` values (e.g. ``quarantined=2``) replace the previous ones."""
+        """Add ``n`` done units; ``extra`` values (e.g. ``quarantined=2``) replace the previous ones. The
+        first update and then one every ``every_s`` seconds emit a record; :meth:`finish` emits the last."""
         self.done += n
         self.extra.update(extra)
         now = self._clock()
-        if self._last_emit is None or now - self._last_emit >= self.every_s or self.done >= self.total:
+        if self._last_emit is None or now - self._last_emit >= self.every_s:
             self.emit()
 
     def emit(self) -> None:
@@ -123,7 +124,6 @@ class Progress:
         self._sink(self.record())
 
     def finish(self, **extra: Any) -> None:
-        """Log the final record (unless the last update already logged the total)."""
+        """Emit the final record (with ``extra``, e.g. where the result went)."""
         self.extra.update(extra)
-        if self._last_emit is None or self.done < self.total or extra:
-            self.emit()
+        self.emit()

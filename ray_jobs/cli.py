@@ -214,17 +214,25 @@ def _call(target: str, *args: Any) -> Any:
     return getattr(importlib.import_module(module), func)(*args)
 
 
-def _print_table(title: str, summary: dict[str, Any]) -> None:
+#: Summary entries whose names contain one of these are left out of the console table (they stay in the
+#: summary file): per-timestep-bin metrics, ten or more per kind, are for plots, not for reading.
+TABLE_OMITS = ("bins/",)
+
+
+def _print_table(title: str, summary: dict[str, Any]) -> int:
+    """Print the summary as a two-column table; returns how many entries it left out (``TABLE_OMITS``)."""
     rows = []
     for k, v in summary.items():
         if isinstance(v, dict):
             rows += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
         else:
             rows.append((k, v))
-    width = max((len(k) for k, _ in rows), default=0)
+    shown = [(k, v) for k, v in rows if not any(part in k for part in TABLE_OMITS)]
+    width = max((len(k) for k, _ in shown), default=0)
     lines = [f"== prefopt {title} =="]
-    lines += [f"  {k.ljust(width)}  {f'{v:.6g}' if isinstance(v, float) else v}" for k, v in rows]
+    lines += [f"  {k.ljust(width)}  {f'{v:.6g}' if isinstance(v, float) else v}" for k, v in shown]
     print("\n".join(lines), flush=True)
+    return len(rows) - len(shown)
 
 
 def load_run_config(cmd: Command, args: list[str]) -> RunConfig:
@@ -274,8 +282,9 @@ def report(cmd: Command, cfg: RunConfig, summary: dict[str, Any], options: conso
         }
         print(json.dumps({**record, "closing": closing}, default=str), flush=True)
         return
-    _print_table(cmd.name, summary)
-    print(f"summary written to {out}; full log in {log_file}", flush=True)
+    omitted = _print_table(cmd.name, summary)
+    more = f" (with {omitted} per-timestep-bin metrics)" if omitted else ""
+    print(f"summary written to {out}{more}; full log in {log_file}", flush=True)
     for line in closing:
         print(line, flush=True)
 

@@ -48,7 +48,7 @@ QUIET_LIBRARY_ENV = {
 }
 #: Loggers that print through a handler of their own and never propagate; quiet mode keeps their
 #: records below ERROR off the console.
-SELF_HANDLED_LOGGERS = ("DeepSpeed",)
+SELF_HANDLED_LOGGERS = ("DeepSpeed", "mlflow")
 #: Marks the handlers this module installed, so that configuring again replaces them.
 _MARK = "_prefopt_console"
 
