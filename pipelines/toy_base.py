@@ -36,7 +36,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,7 +78,9 @@ class ToyBaseConfig:
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # "cosine" (to 10 %) or "constant" after the warm-up
     ema_decay: float = 0.995
+    checkpoint_every: int = 500
     world: ToyWorldSpec = field(default_factory=ToyWorldSpec)
 
 
@@ -231,12 +233,20 @@ def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> Tensor:
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 10 % at ``total``."""
+def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
+    """Linear warm-up over ``warmup`` steps, then ``"cosine"`` decay to 10 % at ``total`` or ``"constant"``.
+
+    With ``"constant"`` the weights after ``n`` steps do not depend on ``total``, so a checkpoint taken at step
+    ``n`` of a longer run is the model a run with ``steps=n`` builds.
+    """
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr schedule must be 'cosine' or 'constant', got {schedule!r}")
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -251,8 +261,12 @@ def train_transformer(
     text: dict[str, Tensor],
     cfg: ToyBaseConfig,
     generator: torch.Generator,
+    on_checkpoint: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Flow-matching training of ``transformer`` on scaled latents; returns the EMA copy.
+
+    ``on_checkpoint(step, ema)`` (optional) is called every ``cfg.checkpoint_every`` steps with the EMA
+    transformer in eval mode (e.g. to measure the base while it trains); training resumes after it returns.
 
     Args:
         latent_mean, latent_std: ``(N, 4, h, w)`` scaled posterior mean and std of the training images.
@@ -262,7 +276,7 @@ def train_transformer(
     transformer.train().requires_grad_(True)
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule))
     running = 0.0
     for step in range(cfg.steps):
         idx = torch.randint(len(latent_mean), (cfg.batch_size,), generator=generator)
@@ -288,6 +302,8 @@ def train_transformer(
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 250 == 0 or step == cfg.steps - 1:
             logger.info("transformer step %d/%d loss %.4f", step + 1, cfg.steps, running)
+        if on_checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
+            on_checkpoint(step + 1, ema)
     transformer.eval().requires_grad_(False)
     return ema
 
@@ -303,9 +319,17 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def build_toy_base(
-    out_dir: str | Path, *, seed: int = 0, config: ToyBaseConfig | None = None, overwrite: bool = False
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    config: ToyBaseConfig | None = None,
+    overwrite: bool = False,
+    on_checkpoint: Callable[[int, object], None] | None = None,
 ) -> Path:
     """Build, train and save the toy base pipeline to ``out_dir``; return ``out_dir``.
+
+    ``on_checkpoint(step, pipe)`` (optional) sees the pipeline with the EMA transformer every
+    ``config.checkpoint_every`` transformer steps (e.g. ``pipelines.toy_sampling.measure_base``).
 
     Deterministic given ``seed`` and ``config`` (and the torch build). If ``out_dir/model_index.json`` exists
     and ``overwrite`` is False the directory is returned untouched. Writes ``out_dir/toy_base.json`` with the
@@ -339,8 +363,18 @@ def build_toy_base(
     timings["encode_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
+    student = pipe.transformer
+
+    def checkpoint(step: int, ema: nn.Module) -> None:
+        pipe.register_modules(transformer=ema)
+        try:
+            on_checkpoint(step, pipe)  # type: ignore[misc]
+        finally:
+            pipe.register_modules(transformer=student)
+
     ema = train_transformer(
-        pipe.transformer, (mean - shift) * scale, std * scale, caption_index, text, cfg, generator
+        student, (mean - shift) * scale, std * scale, caption_index, text, cfg, generator,
+        checkpoint if on_checkpoint is not None else None,
     )
     pipe.register_modules(transformer=ema)
     timings["transformer_s"] = time.perf_counter() - t2
@@ -355,3 +389,25 @@ def build_toy_base(
     tmp.rename(out_dir)
     logger.info("toy base written to %s in %.0f s (%s)", out_dir, timings["total_s"], timings)
     return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipelines.toy_base build OUT [--seed N]``: (re)build the base into OUT and write its
+    sha256 manifest (:mod:`pipelines.toy_base_asset`); OUT is replaced if it exists."""
+    import argparse
+
+    from pipelines.toy_base_asset import write_manifest
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.toy_base", description=main.__doc__)
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("out", type=Path, help="directory to write the pipeline to")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = build_toy_base(args.out, seed=args.seed, overwrite=True)
+    logger.info("manifest: %s", write_manifest(out, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
