@@ -386,3 +386,48 @@ def test_latent_cache_consumes_the_output(cartoon, tiny_sd3, tmp_path):
     assert manifest["num_input_rows"] == 5
     assert manifest["num_pairs"] == 5
     assert manifest["num_quarantined"] == 0
+
+
+class _SeedPipe:
+    """Stand-in pipeline: each image is a flat grey whose level is its generator's ``seed % 251``."""
+
+    def __call__(self, prompt, generator, **_):
+        from types import SimpleNamespace
+
+        levels = [g.initial_seed() % 251 for g in generator]
+        return SimpleNamespace(images=[Image.new("RGB", (32, 32), (v, v, v)) for v in levels])
+
+
+def test_pick_a_pic_like_rows_label_ties_and_flips(tmp_path):
+    """20 rows of one prompt, run seed 0, a stand-in pipeline and a scorer that scores by seed: even rows score
+    0.9 vs 0.0 (jpg_0 chosen), odd rows 0.0 vs 0.0 (ties) -> exactly 10 ties (0.5 / 0.5) and 10 decided rows; of those, the rows ``flipped_rows``
+    marks (one per block of 10) that are even have their labels swapped, and only those are ``label_flipped``."""
+    from pipelines.regenerate import generate_pairs
+
+    settings = _settings(tmp_path, "pick-a-pic-like", seed=0)
+    specs = plan_pairs(["a red circle"] * 20, settings)
+    scores = {p.seed: (0.9 if p.prompt_index % 2 == 0 else 0.0) for p in specs}
+    scores.update({p.seed_1: 0.0 for p in specs})
+
+    class _Scorer:
+        def score(self, images, prompts):
+            import torch
+
+            return torch.tensor([scores[s] for s in self.seeds.pop(0)])
+
+    scorer = _Scorer()
+    scorer.seeds = []
+    for start in range(0, 20, settings.batch_size):  # one score call per side and mini-batch
+        part = specs[start : start + settings.batch_size]
+        scorer.seeds += [[p.seed for p in part], [p.seed_1 for p in part]]
+    table = generate_pairs(_SeedPipe(), specs, settings, scorer).to_pydict()
+    flips = flipped_rows(range(20), 0, 10)
+    expected_flipped = [bool(flips[i]) and i % 2 == 0 for i in range(20)]
+    assert table["label_flipped"] == expected_flipped
+    assert [table["label_0"][i] for i in range(1, 20, 2)] == [0.5] * 10  # ties
+    assert [table["label_0"][i] for i in range(0, 20, 2)] == [
+        0.0 if expected_flipped[i] else 1.0 for i in range(0, 20, 2)
+    ]
+    assert [a + b for a, b in zip(table["label_0"], table["label_1"])] == [1.0] * 20
+    assert table["seed_1"] == [p.seed + SECOND_SEED_OFFSET for p in specs]
+    assert table["score_0"][:2] == [pytest.approx(0.9), 0.0]
