@@ -30,9 +30,10 @@ DATA_GLOB = f"{DATA_DIR}/*.parquet"
 
 #: Per-row seeds are ``run_seed * SEED_STRIDE + prompt_index`` (distinct for up to 1M prompts per seed).
 SEED_STRIDE = 1_000_000
-#: A seed-paired preset draws its second image from ``seed + SECOND_SEED_OFFSET`` (above every row seed of any
-#: run seed below ~1M, so the two images of a row never share noise with another row's first image).
-SECOND_SEED_OFFSET = 1 << 40
+#: A seed-paired preset draws its second image from ``seed + SECOND_SEED_OFFSET``. torch's CPU generator keeps only
+#: the low 32 bits of a seed, so the offset stays below 2**32: 2**31 is above every row seed of run seeds below
+#: 2147 (``run_seed * SEED_STRIDE + i < 2**31``), so the second image never shares noise with a first image.
+SECOND_SEED_OFFSET = 1 << 31
 #: Prompts per output shard (the resume unit) when the caller does not say.
 DEFAULT_ROWS_PER_SHARD = 32
 DEFAULT_JPEG_QUALITY = 95

@@ -126,17 +126,23 @@ def test_preset_templates_follow_the_mapo_conventions():
 
 def test_pick_a_pic_like_pairs_two_seeds_of_the_same_prompt(tmp_path):
     """Setting B: both images from the plain prompt; jpg_0 from the row seed ``3 * 1_000_000 + i``, jpg_1 from
-    that seed + 2**40 (template presets keep one shared seed)."""
+    that seed + 2**31 (template presets keep one shared seed)."""
     specs = plan_pairs(["a red circle", "a blue square"], _settings(tmp_path, "pick-a-pic-like", seed=3))
     assert [(p.chosen_prompt, p.rejected_prompt) for p in specs] == [
         ("a red circle",) * 2,
         ("a blue square",) * 2,
     ]
     assert [(p.seed, p.seed_1) for p in specs] == [
-        (3_000_000, 3_000_000 + 2**40),
-        (3_000_001, 3_000_001 + 2**40),
+        (3_000_000, 3_000_000 + 2**31),
+        (3_000_001, 3_000_001 + 2**31),
     ]
-    assert SECOND_SEED_OFFSET == 2**40
+    assert SECOND_SEED_OFFSET == 2**31
+    import torch  # torch's CPU generator reads the low 32 bits of a seed: the offset must change them
+
+    first, second = (
+        torch.randn(4, generator=torch.Generator().manual_seed(s)) for s in (specs[0].seed, specs[0].seed_1)
+    )
+    assert not torch.equal(first, second)
     cartoon = plan_pairs(["a red circle"], _settings(tmp_path, "pick-style-cartoon", seed=3))
     assert (cartoon[0].seed, cartoon[0].seed_1) == (3_000_000, 3_000_000)
 
