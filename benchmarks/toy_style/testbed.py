@@ -86,8 +86,9 @@ def summarise(methods: tuple[Method, ...], budget: Budget, ev: dict, trained: di
     return base, stats
 
 
-def write_results(text_parts: dict, out: Path) -> str:
-    """``results.md``: how it was run, the table, the verdicts, the pictures."""
+def results_text(text_parts: dict, pictures_prefix: str = "") -> str:
+    """The results markdown: how it was run, the table, the verdicts, the pictures (linked as
+    ``<pictures_prefix><file>``: relative to ``results.md``, or to the repository root for the README)."""
     info = text_parts["info"]
     text = "\n".join(
         [
@@ -115,14 +116,13 @@ def write_results(text_parts: dict, out: Path) -> str:
             "",
             *text_parts["verdicts"],
             "",
-            f"![adoption vs fidelity](benchmarks/toy_style/{FIGURE})",
+            f"![adoption vs fidelity]({pictures_prefix}{FIGURE})",
             "",
             f"Samples (rows: held-out prompts x seeds; columns: the base, then every method's seed-0 run): "
-            f"![samples](benchmarks/toy_style/{GRID})",
+            f"![samples]({pictures_prefix}{GRID})",
             "",
         ]
     )
-    out.write_text(text)
     return text
 
 
@@ -197,9 +197,10 @@ def run_testbed(
         "table": results_table(chosen, stats, base, sources),
         "verdicts": verdict_lines(stats),
     }
-    text = write_results(parts, out_dir / "results.md")
+    text = results_text(parts)
+    (out_dir / "results.md").write_text(text)
     if write_readme and full:
-        update_readme(text)
+        update_readme(results_text(parts, "benchmarks/toy_style/"))
     print(text, flush=True)  # the benchmark's report
     out = {
         **parts,
