@@ -1,8 +1,9 @@
 """Measurement helpers of the ratio benchmarks (``benchmarks.run``): time, memory, FLOPs, isolation, tables.
 
-Nothing here knows about prefopt: the helpers time a callable, read a process's memory high-water
-mark, count the FLOPs of a piece of torch code, measure the dense-matmul peak of the machine, run a
-function in a fresh process and render the markdown table.
+The helpers time a callable, read a process's memory high-water mark, count the FLOPs of a piece of
+torch code (with the formulas torch's counter lacks from their owner, :func:`ray_jobs.memory_plan.
+flop_formulas`), measure the dense-matmul peak of the machine, run a function in a fresh process and
+render the markdown table.
 
     peak = matmul_peak_flops(torch.float32, "cpu")              # best-of-N large square torch.mm, FLOP/s
     flops = count_flops(lambda: model(x).sum().backward())      # exact, from torch.utils.flop_counter
@@ -167,35 +168,11 @@ def count_flops(fn: Callable[[], Any]) -> int:
     which is the usual convention of model FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+    from ray_jobs.memory_plan import flop_formulas  # the CPU flash-attention kernels torch's counter lacks
+
+    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def _extra_flop_formulas() -> dict:
-    """Formulas torch's counter lacks: the CPU flash-attention kernels that ``scaled_dot_product_attention``
-    dispatches to on CPU (without them attention would count 0 FLOPs on CPU). Same formulas as torch's
-    CUDA flash attention: ``4 b h s_q s_k d`` forward, 2.5x that backward."""
-    import torch
-    from torch.utils import flop_counter as fc
-
-    aten = torch.ops.aten
-    formulas = {}
-
-    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_flop_count(query, key, value)
-
-    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
-
-    for name, formula in (
-        ("_scaled_dot_product_flash_attention_for_cpu", forward),
-        ("_scaled_dot_product_flash_attention_for_cpu_backward", backward),
-    ):
-        op = getattr(aten, name, None)
-        if op is not None and op not in fc.flop_registry:
-            formulas[op] = formula
-    return formulas
 
 
 def matmul_peak_flops(

@@ -14,6 +14,8 @@ repeats of the per-repeat ratio; warm-up steps are excluded. Benchmarks (``--onl
 * ``zero_memory`` -- per-worker peak memory of ZeRO-2 and ZeRO-3 vs plain data parallel, 2 workers (on a
   wider transformer trained from the same cache, so that ZeRO-3 has weights to partition).
 * ``cache_build`` -- latent-cache build with a 2-actor Ray Data pool vs a single-process loop, rows/s.
+* ``online`` -- ``prefopt online`` streaming vs rounds on the toy base: wall time and final held-out reward
+  (:mod:`benchmarks.online_stream`).
 * ``gpu`` -- with CUDA only: pairs/s and MFU of DPO steps of an SD3-medium-sized transformer (random
   weights, bf16); "skipped (no GPU)" otherwise.
 
@@ -60,6 +62,7 @@ from benchmarks.common import (
     torch_threads,
     wait_until_quiet,
 )
+from benchmarks.online_stream import bench_online
 from prefopt_core.models.tiny import TinySD3Spec
 
 logger = logging.getLogger("benchmarks.run")
@@ -67,7 +70,7 @@ logger = logging.getLogger("benchmarks.run")
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = HERE / "_work"
 DEFAULT_OUT = HERE / "results.md"
-BENCHMARKS = ("single_process", "train_overhead", "zero_memory", "cache_build", "gpu")
+BENCHMARKS = ("single_process", "train_overhead", "zero_memory", "cache_build", "online", "gpu")
 #: Imported once by the fork server of the isolated cases (each case then starts in well under a second).
 PRELOAD = (
     "torch",
@@ -1192,6 +1195,7 @@ RUNNERS: dict[str, Callable[[Context], list[Row]]] = {
     "train_overhead": bench_train_overhead,
     "zero_memory": bench_zero_memory,
     "cache_build": bench_cache_build,
+    "online": bench_online,
     "gpu": bench_gpu,
 }
 

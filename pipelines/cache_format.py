@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from pipelines.sharded_build import FRAGMENT_NAMING, ShardedBuild, atomic_write_json
+from pipelines.sharded_build import FRAGMENT_NAMING, ShardedBuild, parquet_metadata, read_parquet
+from prefopt_core.storage import Location, location
 
 CACHE_FORMAT = "prefopt-latent-cache/1"
 MANIFEST = "manifest.json"
@@ -82,13 +81,15 @@ def pair_key(pair_id: str) -> int:
     )
 
 
-def cache_file(cache_dir: str | Path, kind: str, unit: int, first_row: int, suffix: str = "") -> Path:
+def cache_file(
+    cache_dir: str | Path | Location, kind: str, unit: int, first_row: int, suffix: str = ""
+) -> Location:
     """``<cache_dir>/<kind>/fNNNNNN-rRRRRRRRRR<suffix>.parquet``: a file of unit ``unit`` (first row ``first_row``)."""
-    return Path(cache_dir) / kind / FRAGMENT_NAMING.name(unit, first_row, suffix)
+    return location(cache_dir) / kind / FRAGMENT_NAMING.name(unit, first_row, suffix)
 
 
 def cache_build(
-    cache_dir: str | Path,
+    cache_dir: str | Path | Location,
     *,
     build: str = "cache",
     dir_key: str = "cache.dir",
@@ -113,12 +114,12 @@ def fingerprint_hash(fp: dict) -> str:
     return hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _relative_files(cache_dir: Path, kind: str) -> list[str]:
-    return sorted(p.relative_to(cache_dir).as_posix() for p in (cache_dir / kind).glob("f*.parquet"))
+def _relative_files(cache_dir: Location, kind: str) -> list[str]:
+    return sorted(f"{kind}/{p.name}" for p in (cache_dir / kind).glob("f*.parquet"))
 
 
 def write_manifest(
-    cache_dir: Path,
+    cache_dir: str | Path | Location,
     fp: dict,
     source: str,
     *,
@@ -131,15 +132,17 @@ def write_manifest(
     """Describe the ``shards/`` and ``quarantine/`` files now in ``cache_dir`` in ``manifest.json`` (written
     atomically; call it last, once the cache is complete). ``extra`` adds keys (e.g. the online rounds'
     ``num_skipped``); it may not replace one of the manifest's own."""
+    cache_dir = location(cache_dir)
     files = _relative_files(cache_dir, SHARDS_DIR)
     qfiles = _relative_files(cache_dir, QUARANTINE_DIR)
-    num_pairs = sum(pq.ParquetFile(cache_dir / f).metadata.num_rows for f in files)
+    num_pairs = sum(parquet_metadata(cache_dir / f).num_rows for f in files)
     reasons: Counter[str] = Counter()
     for f in qfiles:
-        reasons.update(pq.read_table(cache_dir / f, columns=["reason"])["reason"].to_pylist())
+        reasons.update(read_parquet(cache_dir / f, ["reason"])["reason"].to_pylist())
     columns = {}
     if files:
-        columns = json.loads(pq.read_schema(cache_dir / files[0]).metadata[SHAPES_KEY.encode()])
+        meta = parquet_metadata(cache_dir / files[0]).schema.to_arrow_schema().metadata
+        columns = json.loads(meta[SHAPES_KEY.encode()])
     manifest = {
         "format": CACHE_FORMAT,
         "fingerprint": fp,
@@ -160,24 +163,26 @@ def write_manifest(
     if clash:
         raise ValueError(f"extra manifest keys {clash} would replace the manifest's own")
     manifest.update(extra or {})
-    atomic_write_json(manifest, cache_dir / MANIFEST)
+    (cache_dir / MANIFEST).write_json(manifest)
     return manifest
 
 
-def read_manifest(cache_dir: str | Path) -> dict:
-    path = Path(cache_dir) / MANIFEST
+def read_manifest(cache_dir: str | Path | Location) -> dict:
+    path = location(cache_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(
             f"no latent cache at {cache_dir} (missing {MANIFEST}); build it with `prefopt cache CONFIG` "
             "(an interrupted build is finished by rerunning the same command)"
         )
-    manifest = json.loads(path.read_text())
+    manifest = path.read_json()
     if manifest.get("format") != CACHE_FORMAT:
         raise CacheMismatchError(f"{path} has format {manifest.get('format')!r}, expected {CACHE_FORMAT!r}")
     return manifest
 
 
-def check_cache_matches(manifest: dict, encoders: dict, resolution: int, cache_dir: str | Path) -> None:
+def check_cache_matches(
+    manifest: dict, encoders: dict, resolution: int, cache_dir: str | Path | Location
+) -> None:
     """Refuse a cache built with other encoders or at another resolution than the training model."""
     fp = manifest["fingerprint"]
     problems = []

@@ -14,8 +14,10 @@ import pyarrow as pa
 import torch
 
 from pipelines.cache_format import split_columns
+from pipelines.sharded_build import read_parquet
 from pipelines.tensor_columns import to_tensor
 from prefopt_core.objective import PreferenceBatch
+from prefopt_core.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
@@ -44,44 +46,40 @@ def batch_from_table(table: pa.Table, columns: dict[str, list[int]]) -> Preferen
     )
 
 
-def read_cache_table(cache_dir: Path, manifest: dict) -> pa.Table:
+def read_cache_table(cache_dir: str | Path | Location, manifest: dict) -> pa.Table:
     """Every shard's training columns, concatenated in shard order (for one-process training and tests)."""
-    import pyarrow.parquet as pq
-
     columns = training_columns(manifest)
-    return pa.concat_tables(pq.read_table(Path(cache_dir) / f, columns=columns) for f in manifest["files"])
+    root = location(cache_dir)
+    return pa.concat_tables(read_parquet(root / f, columns) for f in manifest["files"])
 
 
-def cache_dataset(cache_dir: Path, manifest: dict, *, driver_read_max_mb: float):
+def cache_dataset(cache_dir: str | Path | Location, manifest: dict, *, driver_read_max_mb: float):
     """The training columns of the latent cache as a Ray Dataset, in shard order.
 
     A cache of at most ``driver_read_max_mb`` on disk is read here with pyarrow and put into the object
     store once (``from_arrow``): no read tasks to schedule, and every epoch re-reads memory. A larger one is
     read by Ray Data tasks and streamed each epoch, so it never has to fit in the object store. Both give
-    the same rows in the same order.
+    the same rows in the same order. ``cache_dir`` may be an object-store URI (Ray Data reads it natively).
     """
-    import pyarrow.parquet as pq
     import ray.data
 
     columns = training_columns(manifest)
-    files = [Path(cache_dir) / f for f in manifest["files"]]
-    size_mb = sum(f.stat().st_size for f in files) / 2**20
+    files = [location(cache_dir) / f for f in manifest["files"]]
+    size_mb = sum(f.size() for f in files) / 2**20
     if size_mb <= driver_read_max_mb:
         logger.info("cache %s: %.1f MB, read by the driver into the object store", cache_dir, size_mb)
-        return ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
+        return ray.data.from_arrow([read_parquet(f, columns) for f in files])
     logger.info("cache %s: %.1f MB, streamed by Ray Data read tasks", cache_dir, size_mb)
     return ray.data.read_parquet([str(f) for f in files], columns=columns)
 
 
-def sample_captions(cache_dir: Path, manifest: dict, n: int) -> list[str]:
+def sample_captions(cache_dir: str | Path | Location, manifest: dict, n: int) -> list[str]:
     """The first ``n`` distinct captions of the cache, in shard order; reads nothing when ``n <= 0``."""
-    import pyarrow.parquet as pq
-
     out: list[str] = []
     if n <= 0:
         return out
     for f in manifest["files"]:
-        for caption in pq.read_table(Path(cache_dir) / f, columns=["caption"])["caption"].to_pylist():
+        for caption in read_parquet(location(cache_dir) / f, ["caption"])["caption"].to_pylist():
             if caption not in out:
                 out.append(caption)
             if len(out) >= n:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from pipelines.regenerate_plan import (
@@ -24,7 +23,8 @@ from pipelines.regenerate_plan import (
     RegenerateSettings,
     get_preset,
 )
-from pipelines.sharded_build import atomic_write_bytes
+from pipelines.sharded_build import atomic_write_bytes, parquet_metadata
+from prefopt_core.storage import Location, location
 
 _HF_DTYPES = {
     pa.string(): "string",
@@ -70,13 +70,13 @@ def card_metadata(
     }
 
 
-def _shard_sizes(output_dir: Path) -> tuple[int, int]:
+def _shard_sizes(output_dir: Location) -> tuple[int, int]:
     """``(uncompressed row bytes, file bytes)`` of the shards in ``output_dir/data``."""
     num_bytes = download = 0
-    for f in sorted((output_dir / DATA_DIR).glob("part-*.parquet")):
-        meta = pq.ParquetFile(f).metadata
+    for f in (output_dir / DATA_DIR).glob("part-*.parquet"):
+        meta = parquet_metadata(f)
         num_bytes += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        download += f.stat().st_size
+        download += f.size()
     return num_bytes, download
 
 
@@ -86,16 +86,16 @@ def _md(text: str) -> str:
 
 
 def write_dataset_card(
-    output_dir: str | Path,
+    output_dir: str | Path | Location,
     settings: RegenerateSettings,
     specs: list[PairSpec],
     *,
     prompt_source: str = "",
     command: str = "",
     license_id: str = DEFAULT_LICENSE,
-) -> Path:
+) -> Location:
     """Write ``README.md`` (YAML front matter + description) atomically; return its path."""
-    output_dir = Path(output_dir)
+    output_dir = location(output_dir)
     num_bytes, download = _shard_sizes(output_dir)
     meta = yaml.safe_dump(
         card_metadata(settings, len(specs), license_id, num_bytes, download), sort_keys=False
@@ -107,7 +107,12 @@ def write_dataset_card(
 
 
 def _card_body(
-    output_dir: Path, settings: RegenerateSettings, specs: list[PairSpec], *, prompt_source: str, command: str
+    output_dir: Location,
+    settings: RegenerateSettings,
+    specs: list[PairSpec],
+    *,
+    prompt_source: str,
+    command: str,
 ) -> str:
     """The markdown of the card below its front matter."""
     preset = get_preset(settings.preset)

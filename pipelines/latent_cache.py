@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from pipelines.cache_format import (
@@ -58,8 +57,9 @@ from pipelines.cache_format import (
 from pipelines.cache_rows import _read_validate_transform, quarantine_from_pairs
 from pipelines.pickapic import Fragment, resolve_source
 from pipelines.progress import Progress
-from pipelines.sharded_build import ShardedBuild, atomic_write_table, run_actor_pool
+from pipelines.sharded_build import ShardedBuild, atomic_write_table, parquet_metadata, run_actor_pool
 from pipelines.tensor_columns import to_column, to_tensor
+from prefopt_core.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +271,8 @@ class _QuarantineCount:
         return n
 
 
-def _num_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+def _num_rows(path: Location) -> int:
+    return parquet_metadata(path).num_rows
 
 
 def _encode_pending(

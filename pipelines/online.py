@@ -87,11 +87,10 @@ from pipelines.online_pairs import (
     SKIPPED_SCHEMA,
     ChunkResult,
     PairChoice,
-    kept_table,
+    encoded_kept_table,
     online_statistics,
     pair_best_worst,
     skipped_table,
-    unkeep,
 )
 from pipelines.sharded_build import atomic_write_table, run_actor_pool
 
@@ -299,25 +298,9 @@ class OnlineSampler:
     def write_chunk(self, chunk: int, start: int, prompts: list[str]) -> tuple[int, int]:
         """Sample one chunk and write its shard and/or skipped file atomically; -> (kept, skipped)."""
         result = self.sample_chunk(start, prompts)
-        kept = [i for i, c in enumerate(result.choices) if c.kept]
-        if kept:
-            cond = self.adapter.encode_prompts([result.captions[i] for i in kept])  # {name: (B, ...)}
-            finite = torch.ones(len(kept), dtype=torch.bool)  # (B,)
-            for value in cond.values():
-                finite &= torch.isfinite(value).flatten(1).all(1)
-            if not bool(finite.all()):
-                unkeep(
-                    result, [i for i, ok in zip(kept, finite.tolist()) if not ok], "nonfinite_conditioning"
-                )
-                cond = {name: value[finite] for name, value in cond.items()}
-            n, res = int(finite.sum()), self.settings.resolution
-            if n:
-                full = torch.full((n, 2), res, dtype=torch.int64)  # original size: the whole image
-                zeros = torch.zeros((n, 2), dtype=torch.int64)  # crop top-left: no crop
-                side = self.adapter.side_conditioning(full, zeros, res)  # the same for both sides
-                side = {f"{name}_{s}": value for name, value in side.items() for s in ("w", "l")}
-                table = kept_table(result, self.settings, cond, side)
-                atomic_write_table(table, cache_file(self.cache_dir, SHARDS_DIR, chunk, start))
+        table = encoded_kept_table(self.adapter, result, self.settings)
+        if table is not None:
+            atomic_write_table(table, cache_file(self.cache_dir, SHARDS_DIR, chunk, start))
         skipped = skipped_table(result, self.settings)
         if skipped.num_rows:
             atomic_write_table(skipped, cache_file(self.cache_dir, SKIPPED_DIR, chunk, start))

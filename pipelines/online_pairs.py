@@ -1,7 +1,8 @@
 """Online pairs: best vs worst of each prompt's scored samples, written as latent-cache rows.
 
 :func:`pair_best_worst` decides per prompt (see :mod:`pipelines.online` for the rules);
-:func:`kept_table` turns the kept pairs of a chunk into latent-cache rows, :func:`skipped_table` the
+:func:`kept_table` turns the kept pairs of a chunk into latent-cache rows (:func:`encoded_kept_table`
+encodes their conditioning first: the round mode's shards and the streaming mode's rows), :func:`skipped_table` the
 others into ``SKIPPED_SCHEMA`` rows (scores, seeds and the reason: nothing is lost), and
 :func:`online_statistics` summarises a finished round for its manifest.
 """
@@ -131,6 +132,30 @@ def kept_table(
     shapes.update(original_size_w=[2], original_size_l=[2], crop_top_left=[2], crop_top_left_l=[2])
     table = pa.table(columns)
     return table.replace_schema_metadata({SHAPES_KEY: json.dumps(shapes, sort_keys=True)})
+
+
+def encoded_kept_table(adapter: Any, result: ChunkResult, settings: OnlineSettings) -> pa.Table | None:
+    """Latent-cache rows of the kept pairs of ``result`` with their captions' conditioning encoded by
+    ``adapter`` (``encode_prompts``, ``side_conditioning``); pairs whose conditioning is not finite become
+    ``nonfinite_conditioning`` skips (in place). ``None`` when no pair is left."""
+    kept = [i for i, c in enumerate(result.choices) if c.kept]
+    if not kept:
+        return None
+    cond = adapter.encode_prompts([result.captions[i] for i in kept])  # {name: (B, ...)}
+    finite = torch.ones(len(kept), dtype=torch.bool)  # (B,)
+    for value in cond.values():
+        finite &= torch.isfinite(value).flatten(1).all(1)
+    if not bool(finite.all()):
+        unkeep(result, [i for i, ok in zip(kept, finite.tolist()) if not ok], "nonfinite_conditioning")
+        cond = {name: value[finite] for name, value in cond.items()}
+    n, res = int(finite.sum()), settings.resolution
+    if n == 0:
+        return None
+    full = torch.full((n, 2), res, dtype=torch.int64)  # original size: the whole image
+    zeros = torch.zeros((n, 2), dtype=torch.int64)  # crop top-left: no crop
+    side = adapter.side_conditioning(full, zeros, res)  # the same for both sides
+    side = {f"{name}_{s}": value for name, value in side.items() for s in ("w", "l")}
+    return kept_table(result, settings, cond, side)
 
 
 def _row_shape(value: torch.Tensor) -> tuple[int, ...]:

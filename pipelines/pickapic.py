@@ -10,7 +10,7 @@ one ``Fragment`` (a slice of rows of one input file) at a time::
 Sources (``resolve_source``):
 
 * a ``.parquet`` file, a directory (recursively every ``*.parquet`` and ``*.tar`` file, sorted, hidden
-  files skipped, filtered by ``split`` -- see ``split_matches``), or a glob (``"/d/*.parquet"``, explicit:
+  files skipped, filtered by ``split`` -- see ``source_files.split_matches``), or a glob (``"/d/*.parquet"``, explicit:
   no split filter);
 * webdataset ``.tar`` shards (file, directory or glob), see "Webdataset layout" below;
 * a hub dataset id ``owner/name`` (anything that is not an existing path and looks like one), loaded with
@@ -42,13 +42,11 @@ data of samples before the fragment, so a fragment reads only its own image byte
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import logging
 import math
 import os
 import posixpath
-import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -65,6 +63,13 @@ from pipelines.schema import (
     make_pair_id,
     make_source_key,
 )
+from pipelines.source_files import (  # SourceNotFoundError is part of this module's API
+    DATA_SUFFIXES,
+    SourceNotFoundError,
+    _match_files,
+    _suffix,
+)
+from prefopt_core.storage import Location, is_uri, location
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +78,12 @@ TiePolicy = Literal["drop", "random", "keep"]
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 TIE_POLICIES: tuple[str, ...] = get_args(TiePolicy)
 
-DATA_SUFFIXES = {".parquet": "parquet", ".tar": "webdataset"}
 LABEL_SUM_TOL = 1e-6
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # 16.8 MP; Pick-a-Pic images are 512-768 px a side
 DEFAULT_MAX_CAPTION_CHARS = 2000  # catches garbage; CLIP itself truncates at 77 tokens (~300 chars)
 DEFAULT_MIN_IMAGE_SIDE = 8
 
 _ALL_COLUMNS = PICKAPIC_REQUIRED + PICKAPIC_OPTIONAL
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_GLOB_CHARS = re.compile(r"[*?\[]")
-_HF_SHARD = re.compile(r"^(?P<split>\w+?)-\d{5}-of-\d{5}")  # "train-00000-of-00645.parquet"
 
 
 class MissingColumnError(ValueError):
@@ -94,10 +95,6 @@ class MissingColumnError(ValueError):
             f"{source}: missing required column(s) {missing}; required {list(PICKAPIC_REQUIRED)}, "
             f"found {found}"
         )
-
-
-class SourceNotFoundError(FileNotFoundError):
-    """No data could be found for a source (empty directory, glob without matches, hub unreachable)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,7 +153,7 @@ def _present_columns(names: Iterable[str]) -> list[str]:
 
 def _read_parquet_rows(path: str, start: int, stop: int) -> pa.Table:
     """Read only the row groups that overlap ``[start, stop)`` and only the Pick-a-Pic columns."""
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(_open_data(path))
     check_columns(pf.schema_arrow, path)
     columns = _present_columns(pf.schema_arrow.names)
     groups, first_row, offset = [], 0, 0
@@ -229,7 +226,9 @@ def _scan_tar(path: str) -> tuple[int, list[str]]:
     """Number of samples and the Pick-a-Pic fields found (member names + the keys of the first .json)."""
     fields: set[str] = set()
     num_samples, json_seen = 0, False
-    with tarfile.open(path, "r:") as tf:
+    with (
+        tarfile.open(fileobj=_open_data(path), mode="r:") if is_uri(path) else tarfile.open(path, "r:") as tf
+    ):
         for index, member, field in _iter_tar_samples(tf, path):
             num_samples = index + 1
             if field == "json" and not json_seen:
@@ -242,7 +241,9 @@ def _scan_tar(path: str) -> tuple[int, list[str]]:
 
 def _read_tar_rows(path: str, start: int, stop: int) -> pa.Table:
     records: list[dict[str, Any]] = []
-    with tarfile.open(path, "r:") as tf:
+    with (
+        tarfile.open(fileobj=_open_data(path), mode="r:") if is_uri(path) else tarfile.open(path, "r:") as tf
+    ):
         for index, member, field in _iter_tar_samples(tf, path):
             if index >= stop:
                 break
@@ -341,77 +342,16 @@ def check_columns(schema_or_names: pa.Schema | pa.Table | Iterable[str], source:
         raise MissingColumnError(missing, str(source), sorted(names))
 
 
-def split_matches(path: Path, root: Path, split: str) -> bool:
-    """Whether a file under ``root`` belongs to ``split``.
-
-    True when its name starts with ``<split>`` + one of ``-_.`` + a digit (HF shards
-    ``train-00000-of-00645.parquet``, webdataset ``train-000001.tar``), its stem is ``<split>``
-    (``train.parquet``), or a directory between ``root`` and the file is named ``<split>``
-    (``train/part-0.parquet``). ``validation`` does not match ``validation_unique-00000-of-00001``.
-    """
-    rel = path.relative_to(root)
-    if re.match(rf"{re.escape(split)}[-_.]\d", rel.name) or path.stem == split:
-        return True
-    return split in rel.parts[:-1]
+def _open_data(path: str | Path | Location):
+    """What pyarrow and tarfile read: the local path itself, or a seekable stream of a remote object."""
+    return location(path).open_input() if is_uri(path) else path
 
 
-def _filter_split(files: list[Path], root: Path, split: str) -> list[Path]:
-    """Files of ``split``. When none match: an error if the files are HF-style split shards (the split is
-    simply absent), else (ad-hoc names like ``pairs.parquet``) every file, with a warning."""
-    selected = [f for f in files if split_matches(f, root, split)]
-    if selected:
-        return selected
-    splits = sorted({m["split"] for f in files if (m := _HF_SHARD.match(f.name))})
-    if splits:
-        raise SourceNotFoundError(f"{root}: no files of split {split!r}; splits present: {splits}")
-    logger.warning("%s: no file name mentions split %r; reading all %d files", root, split, len(files))
-    return files
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _match_files(source: str, split: str | None) -> list[Path] | None:
-    """Sorted absolute data files of a local source; None when ``source`` is a hub id."""
-    if _GLOB_CHARS.search(source):
-        matches = sorted(
-            Path(p).resolve()
-            for p in glob.glob(os.path.expanduser(source), recursive=True)
-            if Path(p).is_file() and Path(p).suffix in DATA_SUFFIXES
-        )
-        if not matches:
-            raise SourceNotFoundError(f"no .parquet or .tar files match the glob {source!r}")
-        return matches
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix not in DATA_SUFFIXES:
-            raise ValueError(
-                f"{path}: unsupported file type {path.suffix!r}; expected one of {list(DATA_SUFFIXES)}"
-            )
-        return [path.resolve()]
-    if path.is_dir():
-        root = path.resolve()
-        files = sorted(
-            f
-            for f in root.rglob("*")
-            if f.suffix in DATA_SUFFIXES and f.is_file() and not _is_hidden(f, root)
-        )
-        if not files:
-            raise SourceNotFoundError(f"{root}: directory holds no .parquet or .tar files")
-        return _filter_split(files, root, split) if split else files
-    if _HUB_ID.fullmatch(source):
-        return None
-    raise FileNotFoundError(
-        f"data source not found: {source!r} is not an existing file, directory or glob, nor a hub id 'owner/name'"
-    )
-
-
-def _inspect_file(path: Path) -> tuple[SourceKind, int]:
+def _inspect_file(path: Path | Location) -> tuple[SourceKind, int]:
     """Kind and row count of one file, checking its columns from metadata only."""
-    kind = DATA_SUFFIXES[path.suffix]
+    kind = DATA_SUFFIXES[_suffix(path)]
     if kind == "parquet":
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(_open_data(path))
         check_columns(pf.schema_arrow, str(path))
         return "parquet", pf.metadata.num_rows
     num_samples, fields = _scan_tar(str(path))
@@ -455,7 +395,7 @@ def resolve_source(
         return _hub_fragments(source, split or "train", rows_per_fragment, max_pairs)
 
     fragments: list[Fragment] = []
-    keys: dict[str, Path] = {}
+    keys: dict[str, Path | Location] = {}
     remaining = math.inf if max_pairs is None else max_pairs
     for path in files:
         if remaining <= 0:

@@ -84,6 +84,7 @@ from pipelines.regenerate_plan import (
 )
 from pipelines.rewards import build_scorer
 from pipelines.sharded_build import PART_NAMING, ShardedBuild, atomic_write_table, run_actor_pool
+from prefopt_core.storage import location
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def generate_dataset(
     """
     if not prompts:
         raise ValueError("no prompts to generate pairs from")
-    build = regenerate_build(Path(output_dir).expanduser().resolve())
+    build = regenerate_build(location(output_dir))  # a local directory or an object-store prefix
     output_dir = build.root
     specs = plan_pairs(prompts, settings)
     build.open(plan_fingerprint(settings, specs))

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.schema import MAPO_SCHEMA
+from prefopt_core.storage import local_path
 
 PresetName = Literal["pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "pick-a-pic-like", "custom"]
 PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
@@ -291,7 +292,7 @@ def plan_fingerprint(settings: RegenerateSettings, specs: list[PairSpec]) -> dic
     """What must match for a rerun to continue an output directory (content hashes, not paths)."""
     from prefopt_core.models.base import dir_fingerprint, read_model_index
 
-    base = Path(settings.base_model_dir)
+    base = Path(local_path(settings.base_model_dir))  # a bucket pipeline: its per-node copy
     components = sorted(k for k, v in read_model_index(base).items() if isinstance(v, list) and v[0])
     s = asdict(settings)
     for key in ("batch_size", "base_model_dir"):  # neither changes the rows

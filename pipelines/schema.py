@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from prefopt_core.storage import is_uri, location
+
 # ---------------------------------------------------------------------------------------------------------
 # Pick-a-Pic input
 # ---------------------------------------------------------------------------------------------------------
@@ -161,6 +163,9 @@ def make_source_key(path: str | os.PathLike[str]) -> str:
     same byte size would collide; ``resolve_source`` detects collisions among the files it resolves and
     raises. Rewriting a file (any change of size) changes its key: a changed file is new data.
     """
+    if is_uri(path):  # an object-store file: the same basename + size rule
+        loc = location(path)
+        return _short_sha1(f"{loc.name}\0{loc.size()}")
     p = Path(path)
     return _short_sha1(f"{p.name}\0{p.stat().st_size}")
 

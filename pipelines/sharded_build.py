@@ -2,7 +2,8 @@
 
 The latent cache, the online rounds and the regenerated datasets all split their work into *units* (a
 fragment of input rows, a chunk of prompts). Every row of a unit ends up in one of the unit's files (a
-shard, a quarantine or skipped file), each written atomically (temp file + rename), so a build killed at
+shard, a quarantine or skipped file), each published atomically (temp file + rename on a local disk, one
+upload under a write-once object name on an object store: :mod:`prefopt_core.storage`), so a build killed at
 any point ends, after a rerun, with exactly the rows of an uninterrupted one. The rules, the same for
 every build (:class:`ShardedBuild`):
 
@@ -26,11 +27,8 @@ every build (:class:`ShardedBuild`):
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.progress import Progress
+from prefopt_core.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
@@ -69,28 +68,30 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
-def _temp_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+def atomic_write_bytes(data: bytes, path: str | Path | Location) -> None:
+    """Publish ``data`` at ``path`` whole (temp file + rename locally, one upload to an object store)."""
+    location(path).write_bytes(data)
 
 
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename (readers never see half a file)."""
-    tmp = _temp_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def atomic_write_table(table: pa.Table, path: str | Path | Location) -> None:
+    """Publish ``table`` as parquet at ``path`` whole (see :func:`atomic_write_bytes`)."""
+    location(path).write_parquet(table)
 
 
-def atomic_write_table(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` as parquet via a temp file + rename."""
-    tmp = _temp_path(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def atomic_write_json(obj: Any, path: str | Path | Location) -> None:
+    """Publish ``obj`` as JSON (sorted keys) at ``path`` whole."""
+    location(path).write_json(obj)
 
 
-def atomic_write_json(obj: Any, path: Path) -> None:
-    """Write ``obj`` as JSON (sorted keys) to ``path`` via a temp file + rename."""
-    atomic_write_bytes(json.dumps(obj, indent=1, sort_keys=True).encode(), path)
+def read_parquet(path: Location, columns: list[str] | None = None) -> pa.Table:
+    """The parquet file at ``path`` (local or remote)."""
+    return pq.read_table(path.path, columns=columns, filesystem=path.fs)
+
+
+def parquet_metadata(path: Location):
+    """The parquet footer of the file at ``path`` (rows, schema; the data is not read)."""
+    with path.open_input() as f:
+        return pq.ParquetFile(f).metadata
 
 
 # ---------------------------------------------------------------------------------------------- naming
@@ -128,7 +129,7 @@ class ShardedBuild:
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | Location,
         *,
         build: str,
         dir_key: str,
@@ -138,18 +139,18 @@ class ShardedBuild:
         naming: ShardNaming = FRAGMENT_NAMING,
         unit_name: str = "rows",
     ) -> None:
-        self.root = Path(root)
+        self.root = location(root)
         self.build, self.dir_key, self.kinds = build, dir_key, tuple(kinds)
         self.row_column, self.marker, self.naming, self.unit_name = row_column, marker, naming, unit_name
 
-    def file(self, kind: str, unit: int, first_row: int = 0, suffix: str = "") -> Path:
+    def file(self, kind: str, unit: int, first_row: int = 0, suffix: str = "") -> Location:
         """Where a file of ``unit`` goes (``suffix`` tells several files of one unit and kind apart)."""
         return self.root / kind / self.naming.name(unit, first_row, suffix)
 
-    def files(self, kind: str) -> list[Path]:
-        """The unit files of ``kind`` now on disk, sorted."""
+    def files(self, kind: str) -> list[Location]:
+        """The unit files of ``kind`` now in the directory, sorted."""
         folder = self.root / kind
-        return sorted(f for f in folder.glob("*.parquet") if self.naming.unit_of(f.name) is not None)
+        return [f for f in folder.glob("*.parquet") if self.naming.unit_of(f.name) is not None]
 
     def open(self, fingerprint: dict[str, Any], **plan_extra: Any) -> None:
         """Create the directory, delete temp files, then write ``plan.json`` (fingerprint + ``plan_extra``)
@@ -159,7 +160,7 @@ class ShardedBuild:
             tmp.unlink()
         plan_path = self.root / PLAN
         if plan_path.exists():
-            old = json.loads(plan_path.read_text())["fingerprint"]
+            old = plan_path.read_json()["fingerprint"]
             if old != fingerprint:
                 raise PlanMismatchError(
                     f"{self.root} holds a {self.build} build made with other settings (differs in: "
@@ -175,17 +176,17 @@ class ShardedBuild:
             )
         atomic_write_json({"fingerprint": fingerprint, **plan_extra}, plan_path)
 
-    def _rows_by_unit(self) -> tuple[dict[int, list[int]], dict[int, list[Path]], set[int]]:
+    def _rows_by_unit(self) -> tuple[dict[int, list[int]], dict[int, list[Location]], set[int]]:
         """Row ids and files per unit from the files on disk, and the units with an unreadable file."""
         rows: dict[int, list[int]] = {}
-        files: dict[int, list[Path]] = {}
+        files: dict[int, list[Location]] = {}
         broken: set[int] = set()
         for kind in self.kinds:
             for f in self.files(kind):
                 unit = self.naming.unit_of(f.name)
                 files.setdefault(unit, []).append(f)
                 try:
-                    ids = pq.read_table(f, columns=[self.row_column])[self.row_column].to_pylist()
+                    ids = read_parquet(f, [self.row_column])[self.row_column].to_pylist()
                 except (OSError, pa.ArrowException) as e:
                     logger.warning("%s is unreadable (%s): building its unit again", f, e)
                     broken.add(unit)
@@ -259,7 +260,7 @@ def run_actor_pool(
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=num_actors,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
         num_gpus=1 if ray.cluster_resources().get("GPU", 0) > 0 else 0,
     )

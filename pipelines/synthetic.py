@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.schema import PICKAPIC_SCHEMA
 from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image
+from prefopt_core.storage import is_uri, location
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +84,9 @@ def write_synthetic_pickapic(
     image_size: int = 48,
     tie_fraction: float = 0.1,
 ) -> Path:
-    """Write the synthetic source as one parquet file (atomically) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the synthetic source as one parquet file (published atomically, locally or in object
+    storage) and return its path (a :class:`Path`, or the URI string)."""
     rows = synthetic_rows(num_pairs, seed=seed, image_size=image_size, tie_fraction=tie_fraction)
-    table = pa.Table.from_pylist(rows, schema=PICKAPIC_SCHEMA)
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    location(path).write_parquet(pa.Table.from_pylist(rows, schema=PICKAPIC_SCHEMA))
     logger.info("wrote %d synthetic Pick-a-Pic-schema pairs to %s", num_pairs, path)
-    return path
+    return str(location(path)) if is_uri(path) else Path(path)

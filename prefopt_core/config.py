@@ -9,6 +9,7 @@ it. Unknown keys are rejected with the list of valid ones; cross-field rules liv
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -23,7 +24,9 @@ from prefopt_core.losses import DEFAULT_BETA, DEFAULT_DPO_CONVENTION, DpoConvent
 from prefopt_core.losses import resolved_beta as _resolved_beta
 from prefopt_core.models.base import Family
 from prefopt_core.reference import OnExceed, ReferenceStrategy, check_strategy
-from prefopt_core.timesteps import Sampling, TimestepConfig, TimestepWeight
+from prefopt_core.storage import Location, StorageError, is_uri, local_scratch
+from prefopt_core.timestep_weights import CALIBRATION_KEY, TimestepWeight
+from prefopt_core.timesteps import Sampling, TimestepConfig
 
 #: ``model.pretrained`` value that trains the toy testbed's base model (``pipelines.toy_base``).
 TOY_BASE = "toy-base"
@@ -145,9 +148,31 @@ class LossSection(_Section):
     undesirable_weight: float = Field(1.0, ge=0)
     timestep_weight: TimestepWeight = Field(
         "none",
-        description="λ(t) scaling the implicit reward of dpo/kto: none, or inv_sqrt_snr = 1 + minmax(1/√SNR(t)) "
-        "(Rethinking DPO).",
+        description="λ(t) in [1, 2] scaling the implicit reward of dpo/kto: none; inv_sqrt_snr = 1 + "
+        "minmax(1/√SNR(t)) (Rethinking DPO); inv_sqrt_snr_ddpm_range (1/√SNR min-maxed over SD1.5/SDXL's "
+        "DDPM range); log_snr (min-max over log-SNR); calibrated (per-bin, from a calibration run). Shapes: "
+        "`prefopt timesteps CONFIG`.",
     )
+    timestep_weight_calibration: str | None = Field(
+        None,
+        description="timestep_weight=calibrated: the calibration JSON (path or URI) written by "
+        "`prefopt timesteps CONFIG --calibrate RUN_ID` from a calibration run's bins/abs_margin_k.",
+    )
+
+    @model_validator(mode="after")
+    def _check_calibration(self) -> LossSection:
+        calibrated = self.timestep_weight == "calibrated"
+        if calibrated and self.timestep_weight_calibration is None:
+            raise ValueError(
+                f"loss.timestep_weight=calibrated needs {CALIBRATION_KEY}: the JSON written by "
+                "`prefopt timesteps CONFIG --calibrate RUN_ID`"
+            )
+        if not calibrated and self.timestep_weight_calibration is not None:
+            raise ValueError(
+                f"{CALIBRATION_KEY} is read only by loss.timestep_weight=calibrated "
+                f"(got {self.timestep_weight})"
+            )
+        return self
 
     def resolved_beta(self) -> float:
         """``beta``, or the loss's default (:data:`prefopt_core.losses.DEFAULT_BETA`)."""
@@ -204,6 +229,17 @@ class TrainSection(_Section):
         None, ge=1, description="Fault injection (tests): raise once at this step."
     )
     eval_every: int = Field(10, ge=1, description="Steps between probe/KL/bin metrics.")
+    log_every: int = Field(
+        10,
+        ge=1,
+        description="Steps between metric syncs: per-step metrics stay on the device and are reduced and "
+        "logged (one MLflow entry per step) every log_every steps and at the end.",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Merged over the generated DeepSpeed config (e.g. {zero_optimization: "
+        "{overlap_comm: false}}); checked by DeepSpeed's config model before any worker starts.",
+    )
     resume: Literal["auto", "never", "require"] = Field(
         "auto", description="auto: resume if a checkpoint exists; require: fail loudly if none."
     )
@@ -260,6 +296,10 @@ class RegenerateSection(_Section):
     license: str = Field("other", description="Dataset card license, e.g. 'openrail++' for SDXL outputs.")
 
 
+#: ``online.on_stale``: what happens to rows sampled more than ``online.max_staleness`` versions ago.
+OnStale = Literal["drop", "wait"]
+
+
 class OnlineSection(_Section):
     rounds: int = Field(2, ge=1)
     prompts: str | None = None
@@ -276,6 +316,46 @@ class OnlineSection(_Section):
     rows_per_shard: int = Field(32, ge=1, description="Prompts per cache shard (the resume unit).")
     num_actors: int = Field(1, ge=1, description="Sampling actors (one pipeline each) in the Ray Data pool.")
     cpus_per_actor: float = Field(1.0, gt=0)
+    mode: Literal["rounds", "streaming"] = Field(
+        "rounds",
+        description="rounds: sample -> cache -> a new training run per round; streaming: one training run fed "
+        "by rollout actors through a pair buffer (train.max_steps steps in all).",
+    )
+    rollout_actors: int = Field(
+        1, ge=1, description="streaming: sampling actors (one pipeline and scorer each)."
+    )
+    rollout_cpus: float = Field(1.0, gt=0, description="streaming: CPUs per rollout actor.")
+    rollout_gpus: float = Field(0.0, ge=0, description="streaming: GPUs per rollout actor.")
+    buffer_pairs: int = Field(
+        32, ge=1, description="streaming: pair buffer capacity; rollouts wait when it is full."
+    )
+    reuse: int = Field(1, ge=1, description="streaming: times one pair may be trained on.")
+    sync_every: int = Field(4, ge=1, description="streaming: optimizer steps between weight publications.")
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="streaming: rows sampled more than this many policy versions ago are not trained.",
+    )
+    on_stale: OnStale = Field(
+        "drop",
+        description="streaming: drop (and count) rows above max_staleness, or wait: rollouts hold back so rows "
+        "stay within it and the trainer waits for fresh ones.",
+    )
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="streaming: held-out evaluation (eval section) of the policy published every this many "
+        "steps, beside training, logged as eval/... at that step; a multiple of sync_every; null: only at the end.",
+    )
+
+    @model_validator(mode="after")
+    def _check_eval_every(self) -> OnlineSection:
+        if self.eval_every is not None and self.eval_every % self.sync_every:
+            raise ValueError(
+                f"online.eval_every={self.eval_every} must be a multiple of online.sync_every={self.sync_every}: "
+                "the evaluation takes the policy published at that step."
+            )
+        return self
 
 
 class EvalSection(_Section):
@@ -351,19 +431,31 @@ class RunConfig(_Section):
 
     # ---- derived values (no state: computed from the fields) ----
     @property
-    def workdir(self) -> Path:
-        return Path(self.run.workdir).expanduser().resolve()
+    def workdir(self) -> Location:
+        """``run.workdir``: a local directory or an object-store prefix (:mod:`prefopt_core.storage`)."""
+        return Location(self.run.workdir)
 
     @property
-    def cache_dir(self) -> Path:
-        return Path(self.cache.dir).expanduser().resolve() if self.cache.dir else self.workdir / "cache"
+    def scratch_dir(self) -> Path:
+        """This node's local directory for the files that must be local (the log, the MLflow spill file and
+        default store, exports before their upload): the workdir itself when it is local, else
+        ``<PREFOPT_LOCAL_DIR>/runs/<workdir name>-<hash of its URI>``."""
+        work = self.workdir
+        if work.is_local:
+            return work.local
+        digest = hashlib.sha1(work.uri.encode()).hexdigest()[:12]
+        return local_scratch() / "runs" / f"{work.name}-{digest}"
 
     @property
-    def base_model_dir(self) -> Path:
+    def cache_dir(self) -> Location:
+        return Location(self.cache.dir) if self.cache.dir else self.workdir / "cache"
+
+    @property
+    def base_model_dir(self) -> Location:
         """Where the pretrained pipeline lives (built on demand for 'tiny' models)."""
         if self.model.pretrained.startswith("tiny") or self.model.pretrained.startswith(TOY_BASE):
             return self.workdir / "base_model"
-        return Path(self.model.pretrained).expanduser()
+        return Location(self.model.pretrained)
 
     @property
     def tiny_preset(self) -> str | None:
@@ -380,7 +472,7 @@ class RunConfig(_Section):
             return self.tracking.uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{self.workdir / 'mlflow.db'}"
+        return f"sqlite:///{self.scratch_dir / 'mlflow.db'}"
 
     @property
     def timestep_sampling(self) -> Sampling:
@@ -439,11 +531,17 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _absolute(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
+    """A local path made absolute; a URI checked (no credentials in it) and kept."""
+    if path is None:
+        return None
+    try:
+        return str(Location(path))
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Make the run's local paths absolute, against the current directory.
+    """Make the run's local paths absolute, against the current directory, and check its URIs.
 
     Done once, where the config is loaded: Ray workers run in other directories, so a relative
     ``run.workdir`` would otherwise mean a different place in every process.
@@ -461,7 +559,9 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         ("eval", "baseline"),
     ):
         value = getattr(getattr(cfg, section), key)
-        if value and not value.startswith("tiny") and not value.startswith(TOY_BASE) and Path(value).expanduser().exists():
+        if (value and is_uri(value)) or (
+            value and not value.startswith("tiny") and not value.startswith(TOY_BASE) and Path(value).expanduser().exists()
+        ):
             setattr(getattr(cfg, section), key, _absolute(value))
     return cfg
 

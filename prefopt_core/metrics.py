@@ -4,8 +4,9 @@ margin, and the error-based divergence estimates of the reference strategies.
 Batch-level ``implicit_acc`` and ``reward_margin`` come from the losses themselves (``LossOutput.metrics``);
 nothing here recomputes them. What the losses cannot give is *where in the noise schedule* the policy
 has learned the preference: :class:`BinAccumulator` collects the per-pair reward margin (the DPO
-``inside`` term, or ``r_w - r_l`` for KTO) together with the pair's timestep over many steps, and reports
-``bins/acc_k`` and ``bins/margin_k`` for 10 timestep bins (bin 0 the least noisy, bin 9 the noisiest, see
+``inside`` term, or ``r_w - r_l`` for KTO) and loss together with the pair's timestep over many steps, and
+reports ``bins/acc_k``, ``bins/margin_k``, ``bins/abs_margin_k`` (the implicit-reward scale) and ``bins/loss_k``
+for 10 timestep bins (bin 0 the least noisy, bin 9 the noisiest, see
 :func:`prefopt_core.timesteps.timestep_bin`). Its sums and counts form one tensor, so workers merge by an
 ``all_reduce`` of :meth:`BinAccumulator.to_tensor`.
 
@@ -22,7 +23,7 @@ strategies use it.
 Usage::
 
     bins = BinAccumulator(num_train_timesteps=1000)
-    bins.update(step_out.t, loss_out.per_sample["reward_margin"])   # every micro-batch, (B,) each
+    bins.update(step_out.t, loss_out.per_sample["reward_margin"], loss_out.losses)   # every micro-batch, (B,)
     vec = bins.to_tensor(); dist.all_reduce(vec); merged = BinAccumulator.from_tensor(vec, 1000)
     log(merged.compute()); bins.reset()
 """
@@ -34,12 +35,17 @@ import logging
 import torch
 from torch import Tensor
 
-from prefopt_core.timesteps import timestep_bin
+from prefopt_core.timesteps import METRIC_BINS, timestep_bin
 
 logger = logging.getLogger(__name__)
 
-#: Rows of :meth:`BinAccumulator.to_tensor`: pair count, correct count, sum of margins, per bin.
-_COUNT, _CORRECT, _MARGIN = 0, 1, 2
+#: Rows of :meth:`BinAccumulator.to_tensor`: pair count, correct count, sums of margins, of |margins| and of
+#: losses, per bin.
+_COUNT, _CORRECT, _MARGIN, _ABS_MARGIN, _LOSS = range(5)
+_ROWS = 5
+
+#: The per-bin metrics :meth:`BinAccumulator.compute` reports, as ``bins/<name>_<k>``.
+BIN_METRICS: tuple[str, ...] = ("acc", "margin", "abs_margin", "loss")
 
 
 def _check_pair(a: Tensor, b: Tensor, names: tuple[str, str]) -> None:
@@ -83,26 +89,31 @@ def divergence_metrics(name: str, err_model: Tensor, err_base: Tensor) -> dict[s
 
 
 class BinAccumulator:
-    """Per-timestep-bin implicit accuracy and mean reward margin, accumulated over steps and workers.
+    """Per-timestep-bin implicit accuracy, reward margin, reward scale and loss, accumulated over steps and
+    workers: the three panels of Rethinking DPO's Fig. 2 (loss scale, implicit-reward scale, implicit accuracy
+    per timestep bin).
 
-    State: one ``(3, num_bins)`` float64 tensor of per-bin pair counts, correct counts and margin sums.
-    A pair is *correct* when its margin is ``> 0`` (a tie counts as wrong, as ``implicit_acc`` does in
-    :mod:`prefopt_core.losses`). :meth:`compute` reports, for every non-empty bin ``k``,
-    ``bins/acc_k = correct_k / count_k`` and ``bins/margin_k = margin_sum_k / count_k``.
+    State: one ``(5, num_bins)`` float64 tensor of per-bin pair counts, correct counts and sums of margins,
+    of ``|margin|`` and of per-pair losses. A pair is *correct* when its margin is ``> 0`` (a tie counts as
+    wrong, as ``implicit_acc`` does in :mod:`prefopt_core.losses`). :meth:`compute` reports, for every
+    non-empty bin ``k``, ``bins/acc_k = correct_k / count_k``, ``bins/margin_k = margin_sum_k / count_k``,
+    ``bins/abs_margin_k = abs_margin_sum_k / count_k`` and ``bins/loss_k = loss_sum_k / count_k``.
     """
 
-    def __init__(self, num_train_timesteps: int, num_bins: int = 10) -> None:
+    def __init__(self, num_train_timesteps: int, num_bins: int = METRIC_BINS) -> None:
         if not 1 <= num_bins <= num_train_timesteps:
             raise ValueError(
                 f"num_bins must be in [1, num_train_timesteps={num_train_timesteps}], got {num_bins}"
             )
         self.num_train_timesteps = int(num_train_timesteps)
         self.num_bins = int(num_bins)
-        self._state = torch.zeros(3, self.num_bins, dtype=torch.float64)
+        self._state = torch.zeros(_ROWS, self.num_bins, dtype=torch.float64)
 
-    def update(self, t: Tensor, margin: Tensor) -> None:
-        """Add B pairs: integer timesteps ``t (B,)`` in ``[0, T)`` and reward margins ``margin (B,)``."""
+    def update(self, t: Tensor, margin: Tensor, loss: Tensor) -> None:
+        """Add B pairs: integer timesteps ``t (B,)`` in ``[0, T)``, reward margins ``margin (B,)`` and
+        per-pair losses ``loss (B,)`` (``LossOutput.losses``; detached here)."""
         _check_pair(t, margin, ("t", "margin"))
+        _check_pair(t, loss, ("t", "loss"))
         if t.dtype.is_floating_point:
             raise ValueError(f"t must hold integer timesteps, got dtype {t.dtype}")
         if int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps:
@@ -114,17 +125,21 @@ class BinAccumulator:
         self._state[_COUNT].index_add_(0, k, torch.ones_like(m))
         self._state[_CORRECT].index_add_(0, k, (m > 0).double())
         self._state[_MARGIN].index_add_(0, k, m)
+        self._state[_ABS_MARGIN].index_add_(0, k, m.abs())
+        self._state[_LOSS].index_add_(0, k, loss.detach().cpu().double())
 
     def compute(self) -> dict[str, float]:
-        """``{"bins/acc_k": ..., "bins/margin_k": ...}`` for the bins that saw at least one pair."""
+        """``{"bins/acc_k", "bins/margin_k", "bins/abs_margin_k", "bins/loss_k"}`` for the bins that saw at
+        least one pair."""
         out: dict[str, float] = {}
-        count, correct, margin = self._state
+        count = self._state[_COUNT]
+        rows = dict(zip(BIN_METRICS, (_CORRECT, _MARGIN, _ABS_MARGIN, _LOSS), strict=True))
         for k in range(self.num_bins):
             n = float(count[k])
             if n == 0:
                 continue
-            out[f"bins/acc_{k}"] = float(correct[k]) / n
-            out[f"bins/margin_{k}"] = float(margin[k]) / n
+            for name, row in rows.items():
+                out[f"bins/{name}_{k}"] = float(self._state[row, k]) / n
         return out
 
     def reset(self) -> None:
@@ -136,14 +151,14 @@ class BinAccumulator:
         return int(self._state[_COUNT].sum())
 
     def to_tensor(self) -> Tensor:
-        """A copy of the ``(3, num_bins)`` float64 sums: ``dist.all_reduce`` it (SUM) to merge workers."""
+        """A copy of the ``(5, num_bins)`` float64 sums: ``dist.all_reduce`` it (SUM) to merge workers."""
         return self._state.clone()
 
     @classmethod
     def from_tensor(cls, state: Tensor, num_train_timesteps: int) -> BinAccumulator:
         """The accumulator whose sums are ``state`` (e.g. the all-reduced :meth:`to_tensor` of all workers)."""
-        if state.ndim != 2 or state.shape[0] != 3:
-            raise ValueError(f"state must have shape (3, num_bins), got {tuple(state.shape)}")
+        if state.ndim != 2 or state.shape[0] != _ROWS:
+            raise ValueError(f"state must have shape ({_ROWS}, num_bins), got {tuple(state.shape)}")
         acc = cls(num_train_timesteps, num_bins=state.shape[1])
         acc._state = state.detach().to("cpu", torch.float64).clone()
         return acc

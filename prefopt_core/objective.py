@@ -20,13 +20,13 @@ from torch import Tensor, nn
 
 from prefopt_core.losses import LossOutput, compute_loss, get_loss, loss_kwargs
 from prefopt_core.models.base import ModelAdapter, per_sample_mse
-from prefopt_core.timesteps import (
-    TimestepConfig,
+from prefopt_core.timestep_weights import (
     TimestepWeight,
-    sample_timesteps,
+    read_calibration,
     timestep_weight,
     timestep_weight_table,
 )
+from prefopt_core.timesteps import TimestepConfig, sample_timesteps
 
 if TYPE_CHECKING:
     from prefopt_core.config import RunConfig
@@ -142,7 +142,9 @@ class PreferenceObjective:
 
     ``loss_params``: the loss function's keyword arguments (:func:`prefopt_core.losses.loss_kwargs`);
     ``timestep_weight``: the name of the ``lambda(t)`` that scales the implicit reward ("none": no scaling;
-    losses without an implicit reward ignore it, see :func:`prefopt_core.losses.compute_loss`).
+    losses without an implicit reward ignore it, see :func:`prefopt_core.losses.compute_loss`);
+    ``timestep_weight_calibration``: the ``(K,)`` per-bin table of ``"calibrated"``
+    (:func:`prefopt_core.timestep_weights.read_calibration`).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class PreferenceObjective:
         timesteps: TimestepConfig,
         seed: int,
         timestep_weight: TimestepWeight = "none",
+        timestep_weight_calibration: Tensor | None = None,
     ) -> None:
         self.adapter = adapter
         self.spec = get_loss(loss_name)
@@ -162,13 +165,16 @@ class PreferenceObjective:
         self.seed = seed
         self.T = adapter.schedule.num_train_timesteps
         self.lambda_table = (
-            None if timestep_weight == "none" else timestep_weight_table(adapter.schedule, timestep_weight)
+            None
+            if timestep_weight == "none"
+            else timestep_weight_table(adapter.schedule, timestep_weight, timestep_weight_calibration)
         )
 
     @classmethod
     def from_config(cls, adapter: ModelAdapter, cfg: RunConfig) -> PreferenceObjective:
         """The objective of a run config: its loss (parameters via ``loss_kwargs`` and the adapter's
-        schedule), timestep sampling, timestep weight and seed."""
+        schedule), timestep sampling, timestep weight (and its calibration table) and seed."""
+        calibration = cfg.loss.timestep_weight_calibration
         return cls(
             adapter,
             loss_name=cfg.loss.name,
@@ -176,6 +182,7 @@ class PreferenceObjective:
             timesteps=cfg.timestep_config(),
             seed=cfg.run.seed,
             timestep_weight=cfg.loss.timestep_weight,
+            timestep_weight_calibration=None if calibration is None else read_calibration(calibration),
         )
 
     def draw(self, batch: PreferenceBatch, epoch: int) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Training-timestep samplers, how a run draws them (:class:`TimestepConfig`) and the timestep weight ``lambda(t)``.
+"""The training noise schedule, training-timestep samplers and how a run draws them (:class:`TimestepConfig`).
 
 Convention for every model family: integer training timesteps ``t in {0, ..., T-1}`` with
 ``T = num_train_timesteps`` (default 1000), and **larger t = noisier**. For DDPM-family models (SD1.5,
@@ -14,7 +14,9 @@ Usage::
     schedule = NoiseSchedule.from_ddpm_scheduler(DDPMScheduler.from_pretrained(path, subfolder="scheduler"))
     g = torch.Generator().manual_seed(1234)
     t = sample_timesteps(1, schedule.num_train_timesteps, sampling="gamma", generator=g)   # (1,)
-    lam = timestep_weight(t, timestep_weight_table(schedule, "inv_sqrt_snr"))              # (1,) in [1, 2]
+    probs = timestep_probs(schedule.num_train_timesteps, TimestepConfig(sampling="gamma"))  # (T,), sums to 1
+
+The timestep weight ``lambda(t)`` built on these schedules lives in :mod:`prefopt_core.timestep_weights`.
 """
 
 from __future__ import annotations
@@ -35,10 +37,6 @@ SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 Sampling = Literal["uniform", "logit_normal", "gamma"]
 SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 
-#: The timestep weight ``lambda(t)`` of the implicit reward (:func:`timestep_weight_table`).
-TimestepWeight = Literal["none", "inv_sqrt_snr"]
-TIMESTEP_WEIGHTS: tuple[str, ...] = get_args(TimestepWeight)
-
 # Flow matching: 1/sqrt(SNR) = sigma / (1 - sigma) is infinite at sigma = 1 (pure noise, the last training
 # sigma). sigma is clipped to at most 1 - 1e-3 (the second-largest unshifted sigma for T = 1000), so the
 # largest value is 999.
@@ -46,6 +44,10 @@ FLOW_SIGMA_MAX = 1.0 - 1e-3
 # DDPM with zero terminal SNR has alpha_bar[T-1] = 0; diffusers' Euler scheduler replaces it with 2**-24.
 # alpha_bar is clipped to at least that, so the largest 1/sqrt(SNR) stays finite (about 4096).
 DDPM_ALPHA_BAR_MIN = 2.0**-24
+
+
+#: Timestep bins of the per-bin training metrics (:func:`timestep_bin`, ``prefopt_core.metrics.BinAccumulator``).
+METRIC_BINS = 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +110,27 @@ class NoiseSchedule:
             )
         return cls(kind="flow", table=sigmas.flip(0).clone())
 
+    @classmethod
+    def from_scheduler_config(cls, kind: ScheduleKind, config: Mapping[str, Any]) -> NoiseSchedule:
+        """From a pipeline's ``scheduler/scheduler_config.json`` (no weights): ``"ddpm"`` through diffusers'
+        ``DDPMScheduler`` (as the SD1.5/SDXL adapters train), ``"flow"`` through
+        ``FlowMatchEulerDiscreteScheduler`` (SD3, its ``shift`` included)."""
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+        if kind == "ddpm":
+            return cls.from_ddpm_scheduler(DDPMScheduler.from_config(dict(config)))
+        if kind == "flow":
+            return cls.from_flow_scheduler(FlowMatchEulerDiscreteScheduler.from_config(dict(config)))
+        raise ValueError(f"unknown schedule kind {kind!r}; valid kinds: {list(SCHEDULE_KINDS)}")
+
+    def sigma(self) -> Tensor:
+        """The noise coefficient of ``x_t``, ``(T,)`` float64, non-decreasing in t.
+
+        Flow: ``sigma_t`` (``x_t = (1-sigma) x0 + sigma eps``); DDPM: ``sqrt(1 - alpha_bar_t)``
+        (``x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps``).
+        """
+        return self.table.clone() if self.kind == "flow" else (1.0 - self.table).sqrt()
+
     def inv_sqrt_snr(self) -> Tensor:
         """``1/sqrt(SNR(t))``, ``(T,)`` float64, finite and non-decreasing in t.
 
@@ -153,6 +176,53 @@ def gamma_bin_bounds(num_train_timesteps: int, bins: int) -> tuple[Tensor, Tenso
     edges = torch.arange(bins + 1, dtype=torch.int64) * num_train_timesteps // bins  # ascending in noise
     lo_ascending, hi_ascending = edges[:-1], edges[1:]
     return lo_ascending.flip(0), hi_ascending.flip(0)
+
+
+def gamma_bin_sigma_ranges(schedule: NoiseSchedule, bins: int) -> Tensor:
+    """The sigma range of each gamma-sampling bin, ``(bins, 2)`` float64: row k = ``[min, max]`` of
+    :meth:`NoiseSchedule.sigma` over the bin's timesteps, k = 0 the noisiest.
+
+    The bins cut the training timesteps the scheduler actually uses, so for flow matching they are ranges
+    of *shifted* sigmas. Hand case: T = 1000, shift 3, 10 bins. Timestep t has ``s = (t+1)/1000`` and
+    ``sigma = 3s/(1+2s)``; bin k holds ``t = 900-100k .. 999-100k``, so ``s`` from ``0.901-0.1k`` to
+    ``1-0.1k``, i.e. (to 6 decimals)::
+
+        k:        0        1        2        3        4        5        6        7        8        9
+        lo: 0.964668 0.923520 0.875520 0.818801 0.750749 0.667592 0.563670 0.430100 0.252080 0.002994
+        hi: 1        0.964286 0.923077 0.875    0.818182 0.75     0.666667 0.5625   0.428571 0.25
+
+    (e.g. k = 0: ``3*0.901/(1+1.802) = 0.964668``; k = 1: ``2.403/2.602 = 0.923520``; k = 9: ``0.003/1.002 = 0.002994`` to ``0.3/1.2 = 0.25``).
+    Half of all draws' bins (k = 0..4 of 10) lie above sigma = 0.75 although they are half the timesteps.
+    """
+    lo, hi = gamma_bin_bounds(schedule.num_train_timesteps, bins)
+    sigma = schedule.sigma()  # (T,) non-decreasing
+    return torch.stack([sigma[lo], sigma[hi - 1]], dim=1)
+
+
+def timestep_probs(num_train_timesteps: int, config: TimestepConfig) -> Tensor:
+    """The probability of each training timestep under ``config``'s sampling, ``(T,)`` float64, exact.
+
+    * ``"uniform"``: ``1/T``.
+    * ``"logit_normal"``: ``t = floor(u*T)``, ``u = sigmoid(z)``, ``z ~ N(m, s)``, so
+      ``P(t) = Phi((logit((t+1)/T) - m)/s) - Phi((logit(t/T) - m)/s)`` (``logit(0) = -inf``, ``logit(1) = inf``).
+    * ``"gamma"``: ``P(bin k) / size_k`` for t in bin k (:func:`gamma_bin_bounds`, :func:`gamma_bin_probs`).
+    """
+    T = num_train_timesteps
+    if config.sampling not in SAMPLINGS:
+        raise ValueError(f"unknown timestep sampling {config.sampling!r}; valid options: {list(SAMPLINGS)}")
+    if config.sampling == "uniform":
+        return torch.full((T,), 1.0 / T, dtype=torch.float64)
+    if config.sampling == "logit_normal":
+        edges = torch.arange(T + 1, dtype=torch.float64) / T  # (T+1,) u at the cell edges
+        z = (torch.logit(edges) - config.logit_mean) / config.logit_std  # -inf at 0, inf at 1
+        cdf = torch.special.ndtr(z)
+        return cdf[1:] - cdf[:-1]
+    lo, hi = gamma_bin_bounds(T, config.bins)
+    per_bin = gamma_bin_probs(config.bins, config.gamma) / (hi - lo).double()  # (bins,)
+    probs = torch.zeros(T, dtype=torch.float64)
+    for k in range(config.bins):
+        probs[lo[k] : hi[k]] = per_bin[k]
+    return probs
 
 
 def gamma_bin_probs(bins: int, gamma: float) -> Tensor:
@@ -219,35 +289,7 @@ def sample_timesteps(
     return _sample_gamma(n, num_train_timesteps, gamma, bins, generator)
 
 
-def timestep_weight_table(schedule: NoiseSchedule, weight: TimestepWeight) -> Tensor:
-    """The timestep weight ``lambda(t)`` named ``weight`` over every training timestep, ``(T,)`` float32.
-
-    * ``"none"``: ``lambda(t) = 1``.
-    * ``"inv_sqrt_snr"``: Rethinking DPO (Kang et al. 2025, arXiv:2505.18736)
-      ``lambda(t) = 1 + minmax(1/sqrt(SNR(t)))``, with ``minmax(x) = (x - min x) / (max x - min x)`` over the
-      whole table, so ``lambda`` is exactly 1 at the least noisy ``t = 0`` and exactly 2 at the noisiest
-      ``t = T-1``, non-decreasing and finite (see :meth:`NoiseSchedule.inv_sqrt_snr` for the clips). A
-      constant ``1/sqrt(SNR)`` (e.g. T = 1) gives all ones. For flow matching, ``sigma/(1-sigma)`` grows so
-      fast near ``sigma = 1`` that ``lambda`` stays close to 1 for most ``t`` and rises only over the last few
-      timesteps; the clip ``FLOW_SIGMA_MAX`` sets that scale.
-    """
-    if weight == "none":
-        return torch.ones(schedule.num_train_timesteps, dtype=torch.float32)
-    if weight == "inv_sqrt_snr":
-        x = schedule.inv_sqrt_snr()  # (T,) float64
-        span = x.max() - x.min()
-        if span <= 0:
-            return torch.ones_like(x, dtype=torch.float32)
-        return (1.0 + (x - x.min()) / span).float()
-    raise ValueError(f"unknown timestep weight {weight!r}; valid options: {list(TIMESTEP_WEIGHTS)}")
-
-
-def timestep_weight(t: Tensor, table: Tensor) -> Tensor:
-    """``lambda`` at integer timesteps ``t`` ``(B,)``: ``table[t]`` ``(B,)`` on ``t``'s device."""
-    return table.to(t.device)[t.long()]
-
-
-def timestep_bin(t: Tensor, num_train_timesteps: int, num_bins: int = 10) -> Tensor:
+def timestep_bin(t: Tensor, num_train_timesteps: int, num_bins: int = METRIC_BINS) -> Tensor:
     """Metric bin of each timestep, ``t * num_bins // T`` (int64, same shape as ``t``).
 
     Bins ascend with t like the timesteps themselves: bin 0 is the least noisy, bin ``num_bins-1`` the

@@ -29,7 +29,7 @@ import yaml
 from pipelines.cache_format import CacheMismatchError
 from pipelines.sharded_build import PlanMismatchError
 from prefopt_core.config import ConfigError, RunConfig
-from ray_jobs import compare, config_help, console, preflight
+from ray_jobs import compare, config_help, console, memory_plan, preflight, timestep_report
 from ray_jobs.compare import CompareError
 
 #: Sections every Ray command reads.
@@ -95,6 +95,17 @@ COMMANDS: dict[str, Command] = {
             "compare",
             "compare MLflow runs of one command: final/best metrics, differing params, plots",
             ("tracking",),
+        ),
+        Command(
+            "plan",
+            "estimate per-worker memory and throughput of a config's training on GPUs, offline (meta device)",
+            ("model", "loss", "reference", "train"),
+        ),
+        Command(
+            "timesteps",
+            "the shape of each timestep weight lambda(t) over a config's training timesteps, its gamma bins' "
+            "sigma ranges; --calibrate RUN_ID writes the table of lambda=calibrated",
+            ("model", "loss", "timesteps", "tracking"),
         ),
         Command(
             "config",
@@ -164,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         _global_flags(p, suppress=True)
         if cmd.name == "compare":
             compare.add_arguments(p)
+            continue
+        if cmd.name == "plan":
+            memory_plan.add_arguments(p)
+            continue
+        if cmd.name == "timesteps":
+            timestep_report.add_arguments(p)
             continue
         if cmd.name == "config":
             p.add_argument("action", choices=["show"], help="show: print the resolved config as YAML")
@@ -242,7 +259,7 @@ def report(cmd: Command, cfg: RunConfig, summary: dict[str, Any], options: conso
     out = cfg.workdir / f"{cmd.name}_summary.json"
     out.write_text(json.dumps(summary, indent=1, default=str))
     closing = _call(cmd.closing, summary) if cmd.closing else []
-    log_file = cfg.workdir / console.LOG_FILE
+    log_file = cfg.scratch_dir / console.LOG_FILE  # a log is appended to: always on this node's disk
     if options.log_format == "json":
         record = {
             "command": cmd.name,
@@ -262,11 +279,15 @@ def _dispatch(ns: argparse.Namespace, options: console.ConsoleOptions) -> int:
     cmd = COMMANDS[ns.command_name]
     if cmd.name == "compare":
         return compare.run(ns)
+    if cmd.name == "plan":
+        return memory_plan.run(ns)
+    if cmd.name == "timesteps":
+        return timestep_report.run(ns)
     cfg = load_run_config(cmd, ns.args)
     if cmd.name == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"), flush=True)
         return 0
-    console.attach_log_file(cfg.workdir, options.log_format)
+    console.attach_log_file(cfg.scratch_dir, options.log_format)
     report(cmd, cfg, run_command(cmd, cfg, options), options)
     return 0
 
@@ -278,7 +299,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     unknown = [a for a in extra if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    positional = "config" if ns.command_name == "compare" else "args"
+    positional = {"compare": "config", "plan": "overrides", "timesteps": "overrides"}.get(ns.command_name, "args")
     setattr(ns, positional, [*getattr(ns, positional), *extra])
     return ns
 

@@ -39,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from prefopt_core.config import ConfigError, RunConfig, config_from_dict, flatten
+from ray_jobs.online_common import POLICY_NAME, eval_config, eval_metrics, online_settings, resolve_prompts
+
+__all__ = ["POLICY_NAME", "eval_config", "eval_metrics", "online_settings", "resolve_prompts", "run_online"]
 
 logger = logging.getLogger(__name__)
 
-#: Name of the round's policy in its evaluation (metric keys ``eval/policy/<scorer>/...``).
-POLICY_NAME = "policy"
 ROUND_SUMMARY = "round_summary.json"
 #: Top-level final training metrics copied into the round's metrics as ``train/<key>``.
 TRAIN_METRICS = ("loss", "implicit_acc", "reward_margin", "kl/policy_init", "ref/updates")
@@ -73,43 +74,6 @@ class RoundPaths:
 
 
 # ------------------------------------------------------------------------------------------- configs
-def resolve_prompts(cfg: RunConfig) -> list[str]:
-    """``online.prompts`` (text file or parquet ``caption``), else the toy-world captions; the first
-    ``online.num_prompts``."""
-    from pipelines.prompts import load_prompts, toy_world_prompts
-
-    o = cfg.online
-    if o.prompts:
-        return load_prompts(Path(o.prompts).expanduser(), o.num_prompts)
-    return toy_world_prompts()[: o.num_prompts]
-
-
-def online_settings(cfg: RunConfig, base: Path, policy: str | None, round_index: int):
-    """The :class:`pipelines.online.OnlineSettings` of round ``round_index`` sampling from ``policy``."""
-    from pipelines.online import OnlineSettings
-
-    o = cfg.online
-    return OnlineSettings(
-        family=cfg.model.family,
-        base_model_dir=str(base),
-        policy=policy,
-        round=round_index,
-        resolution=cfg.model.resolution,
-        samples_per_prompt=o.samples_per_prompt,
-        min_margin=o.min_margin,
-        num_inference_steps=o.num_inference_steps,
-        guidance_scale=o.guidance_scale,
-        seed=cfg.run.seed,
-        scorer=dict(o.scorer),
-        dtype=cfg.model.dtype,
-        max_sequence_length=cfg.model.max_sequence_length,
-        prediction_type=cfg.model.prediction_type,
-        micro_conditioning=cfg.model.micro_conditioning,
-        batch_size=o.batch_size,
-        rows_per_shard=o.rows_per_shard,
-    )
-
-
 def round_config(cfg: RunConfig, round_index: int, base: Path, policy: str | None) -> RunConfig:
     """The training config of round ``round_index``: ``policy`` (a denoiser dir, None = base) as
     ``model.init_denoiser``, ``online.steps_per_round`` steps, the round's own name, workdir and cache, the
@@ -127,13 +91,6 @@ def round_config(cfg: RunConfig, round_index: int, base: Path, policy: str | Non
         raise ConfigError(f"the training config of online round {round_index} is invalid: {err}") from None
 
 
-def eval_config(rcfg: RunConfig, export: str, base: Path) -> RunConfig:
-    """The eval config of a round: its export (named ``policy``) against the base pipeline."""
-    data = rcfg.to_dict()
-    data["eval"].update(models=[f"{POLICY_NAME}={export}"], baseline=str(base))
-    return config_from_dict(data)
-
-
 # ------------------------------------------------------------------------------------------- metrics
 def pair_metrics(manifest: dict[str, Any]) -> dict[str, float]:
     """``online/*`` metrics of a round's cache manifest (means over nothing are left out)."""
@@ -142,22 +99,6 @@ def pair_metrics(manifest: dict[str, Any]) -> dict[str, float]:
     for key in ("score_chosen_mean", "score_rejected_mean", "margin_mean", "score_mean"):
         if o.get(key) is not None:
             out[f"online/{key}"] = float(o[key])
-    return out
-
-
-def eval_metrics(flat: dict[str, float]) -> dict[str, float]:
-    """``eval/policy/<scorer>/<stat>`` and ``eval/base/<scorer>/mean`` (``run_eval``'s keys) ->
-    ``eval/<scorer>/{win_rate,adoption_rate,mean,base_mean}``."""
-    out = {}
-    for key, value in flat.items():
-        parts = key.split("/")
-        if len(parts) != 4 or parts[0] != "eval":
-            continue
-        _, model, scorer, stat = parts
-        if model == POLICY_NAME and stat in ("win_rate", "adoption_rate", "mean"):
-            out[f"eval/{scorer}/{stat}"] = float(value)
-        elif model != POLICY_NAME and stat == "mean":
-            out[f"eval/{scorer}/base_mean"] = float(value)
     return out
 
 
@@ -301,7 +242,12 @@ def run_round(
 
 
 def run_online(cfg: RunConfig) -> dict[str, Any]:
-    """Run (or finish) ``online.rounds`` rounds; returns (and writes) the summary."""
+    """Run (or finish) ``online.rounds`` rounds, or with ``online.mode=streaming`` one streaming run
+    (:mod:`ray_jobs.online_streaming`); returns (and writes) the summary."""
+    if cfg.online.mode == "streaming":
+        from ray_jobs.online_streaming import run_streaming
+
+        return run_streaming(cfg)
     from pipelines.base_model import prepare_base_model
     from ray_jobs import tracking
     from ray_jobs.cluster import ensure_ray

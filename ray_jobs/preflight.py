@@ -1,5 +1,5 @@
 """Checks made before a command starts anything: the config file parses, the local inputs it names exist
-and can be read, and its tracking server answers.
+and can be read, its object-store locations answer (inputs there exist), and its tracking server answers.
 
 Each failure is a :class:`PreflightError` whose message is one sentence saying what to fix; the CLI prints
 it and exits with status 2. What is checked depends on the config sections the command reads (the CLI's
@@ -14,10 +14,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
-from prefopt_core.config import ConfigError, RunConfig, load_config, parse_override
+from prefopt_core.config import ConfigError, RunConfig, load_config
+from prefopt_core.config_keys import parse_override
+from prefopt_core.storage import Location, is_uri
 
 #: Seconds an http(s) tracking server gets to answer before the command gives up.
 TRACKING_TIMEOUT_S = 5.0
@@ -119,6 +122,48 @@ def check_prompt_file(key: str, value: str | None) -> None:
         raise PreflightError(f"{key} {value} exists but cannot be read (check its permissions)")
 
 
+# ------------------------------------------------------------------------------------------- object storage
+#: ``(section, key, must exist)`` of the config's locations; a URI among them is probed before anything starts.
+LOCATION_KEYS = (
+    ("run", "workdir", False),
+    ("cache", "dir", False),
+    ("data", "source", True),
+    ("model", "pretrained", True),
+    ("model", "init_denoiser", True),
+    ("regenerate", "output_dir", False),
+    ("eval", "baseline", True),
+)
+
+
+def check_remote_location(key: str, uri: str, *, must_exist: bool) -> None:
+    """The bucket of ``uri`` answers and exists (and ``uri`` itself, for an input); the store's own error
+    otherwise, in one sentence that names the URI (never the credentials, which are not in it)."""
+    loc = Location(uri)
+    bucket = Location(f"{urlsplit(loc.uri).scheme}://{urlsplit(loc.uri).netloc}")
+    try:
+        if not bucket.exists():
+            raise PreflightError(
+                f"{key} {uri}: bucket {bucket} does not exist (or is not visible to these credentials)"
+            )
+        if must_exist and not loc.exists():
+            raise PreflightError(f"{key} {uri} does not exist")
+    except PreflightError:
+        raise
+    except Exception as err:  # the store's client errors carry no common base class
+        raise PreflightError(
+            f"{key} {uri} cannot be reached ({' '.join(str(err).split())}); check the URI, the network and the "
+            "endpoint and credentials in the environment (AWS_ENDPOINT_URL, AWS_* / GOOGLE_APPLICATION_CREDENTIALS)"
+        ) from None
+
+
+def check_locations(cfg: RunConfig, sections: set[str]) -> None:
+    """Probe every object-store location of the sections a command reads (``run.workdir`` always)."""
+    for section, key, must_exist in LOCATION_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if (section == "run" or section in sections) and value and is_uri(value):
+            check_remote_location(f"{section}.{key}", value, must_exist=must_exist)
+
+
 # ------------------------------------------------------------------------------------------- tracking
 def tracking_server_answers(uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> str | None:
     """``None`` when the http(s) server at ``uri`` answers at all within ``timeout_s`` (any HTTP status
@@ -148,14 +193,15 @@ def check_tracking(cfg: RunConfig) -> None:
         raise PreflightError(
             f"the MLflow tracking server at {uri} does not answer ({reason}); start it, fix tracking.uri, or "
             "set tracking.require_server=false to run anyway and keep the metrics in "
-            f"{cfg.workdir / 'mlflow_pending.jsonl'} until it answers"
+            f"{cfg.scratch_dir / 'mlflow_pending.jsonl'} until it answers"
         )
 
 
 def check_inputs(cfg: RunConfig, sections: Iterable[str]) -> None:
     """Every pre-flight check that applies to a command reading ``sections`` of the config."""
     sections = set(sections)
-    if "data" in sections:
+    check_locations(cfg, sections)
+    if "data" in sections and not (cfg.data.source and is_uri(cfg.data.source)):
         check_data_source(cfg.data.source)
     for section, key in PROMPT_FILES:
         if section in sections:

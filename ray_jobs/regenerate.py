@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from prefopt_core.config import RunConfig
+from prefopt_core.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,10 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "prefopt_regenerate.yaml"
 
 
-def output_dir(cfg: RunConfig) -> Path:
-    """``regenerate.output_dir``, or ``<workdir>/regenerated/<preset>``."""
+def output_dir(cfg: RunConfig) -> Location:
+    """``regenerate.output_dir``, or ``<workdir>/regenerated/<preset>`` (local or object storage)."""
     if cfg.regenerate.output_dir:
-        return Path(cfg.regenerate.output_dir).expanduser().resolve()
+        return Location(cfg.regenerate.output_dir)
     return cfg.workdir / "regenerated" / cfg.regenerate.preset
 
 

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests._s3 import S3_ENV
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# object-store tests talk only to the moto server on 127.0.0.1, with fake credentials (tests/_s3.py)
+os.environ.update(S3_ENV)
+os.environ.pop("AWS_PROFILE", None)
 
 
 #: Test files that start Ray Train runs or Ray clusters, longest first (minutes each on 2 cores). The
@@ -25,6 +30,7 @@ LONGEST_FIRST = (
     "test_cluster_submit.py",
     "test_train_families.py",
     "test_train_ops.py",
+    "test_online_streaming.py",
     "test_online.py",
     "test_benchmarks.py",
     "test_regenerate.py",
@@ -44,6 +50,17 @@ def tiny_sd3(tmp_path_factory) -> Path:
     from prefopt_core.models.tiny import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd3", family="sd3")
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> str:
+    """``s3://prefopt-test``: a bucket on the session's moto S3 server (127.0.0.1); tests use their own
+    prefixes in it."""
+    from tests._s3 import create_bucket, start_server
+
+    server = start_server()
+    yield create_bucket("prefopt-test")
+    server.stop()
 
 
 @pytest.fixture(scope="session")

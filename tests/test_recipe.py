@@ -216,3 +216,15 @@ def test_lora_export_loads_with_load_lora_weights_like_the_fused_export(lora_run
     fused = sample(StableDiffusion3Pipeline.from_pretrained(tiny_sd3, transformer=fused_transformer))
     assert np.abs(with_lora - base).max() > 1e-4
     np.testing.assert_allclose(with_lora, fused, atol=1e-4)
+
+
+def test_zero3_reference_updates_after_probe_forwards(tmp_path, tiny_sd3, cache8, process_group):
+    """ZeRO-3 with model-sized prefetch buffers: the divergence probe's forward passes leave parameters
+    gathered or in flight, and the periodic reference copy must still gather every weight (it releases
+    them first). tau=2 over 4 steps: updates at steps 2 and 4, so the last report counts 2."""
+    recipe, ctx = _recipe(
+        tmp_path, tiny_sd3, cache8, ["train.zero_stage=3", "reference.tau=2", "train.max_steps=4"]
+    )
+    run_recipe(recipe)
+    assert ctx.reports[-1]["step"] == 4
+    assert ctx.reports[-1]["ref/updates"] == 2

@@ -1,4 +1,5 @@
-"""Timestep samplers, TimestepConfig and the timestep weight lambda(t) against hand-derived values."""
+"""Noise schedules, timestep samplers, their exact distributions and the gamma bins' sigma ranges against
+hand-derived values (lambda(t) is tested in test_timestep_weights.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,14 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from scipy.stats import chisquare
 
 from prefopt_core.timesteps import (
-    TIMESTEP_WEIGHTS,
     NoiseSchedule,
     TimestepConfig,
     gamma_bin_bounds,
     gamma_bin_probs,
+    gamma_bin_sigma_ranges,
     sample_timesteps,
     timestep_bin,
-    timestep_weight,
-    timestep_weight_table,
+    timestep_probs,
 )
 
 T = 1000
@@ -135,42 +135,6 @@ def test_flow_table_is_ascending_shifted_sigmas() -> None:
     assert torch.equal(NoiseSchedule.from_flow_scheduler(sched).table, table)
 
 
-@pytest.mark.parametrize("make_schedule", [sd15_schedule, sd3_schedule], ids=["ddpm_sd15", "flow_sd3"])
-def test_inv_sqrt_snr_weight_endpoints_monotone_finite(make_schedule) -> None:
-    """lambda = 1 + (x - min x)/(max x - min x) with x = 1/sqrt(SNR) non-decreasing in t, so lambda(0) = 1
-    and lambda(T-1) = 2 exactly, non-decreasing and finite in between (flow sigma = 1 at T-1 is clipped)."""
-    lam = timestep_weight_table(make_schedule(), "inv_sqrt_snr")
-    assert lam.shape == (T,)
-    assert lam[0].item() == 1.0 and lam[-1].item() == 2.0
-    assert torch.isfinite(lam).all() and (lam.diff() >= 0).all()
-
-
-def test_inv_sqrt_snr_weight_at_hand_derived_points() -> None:
-    """alpha_bar = (1, 0.5, 0.2): 1/sqrt(SNR) = sqrt((1 - a)/a) = (0, 1, 2), min-max (0, 0.5, 1), so
-    lambda = (1, 1.5, 2)."""
-    schedule = NoiseSchedule(kind="ddpm", table=torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64))
-    assert timestep_weight_table(schedule, "inv_sqrt_snr").tolist() == [1.0, 1.5, 2.0]
-
-
-def test_none_weight_is_one_everywhere() -> None:
-    """weight "none": lambda(t) = 1 for all T timesteps."""
-    assert torch.equal(timestep_weight_table(sd3_schedule(), "none"), torch.ones(T))
-
-
-def test_unknown_timestep_weight_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="valid options: \\['none', 'inv_sqrt_snr'\\]"):
-        timestep_weight_table(sd15_schedule(), "snr")  # type: ignore[arg-type]
-    assert TIMESTEP_WEIGHTS == ("none", "inv_sqrt_snr")
-
-
-def test_timestep_weight_gathers_table() -> None:
-    """timestep_weight(t, table) = table[t]; SD1.5 endpoints: lambda(0) = 1, lambda(999) = 2."""
-    table = timestep_weight_table(sd15_schedule(), "inv_sqrt_snr")
-    t = torch.tensor([999, 0, 500])
-    torch.testing.assert_close(timestep_weight(t, table), torch.stack([table[999], table[0], table[500]]))
-    assert timestep_weight(t, table)[:2].tolist() == [2.0, 1.0]
-
-
 def test_timestep_config_from_mapping_reads_its_fields_only() -> None:
     """A cache's precompute settings hold the TimestepConfig fields plus other keys (epochs, reference)."""
     settings = {
@@ -198,3 +162,74 @@ def test_timestep_bin() -> None:
     """bin = t*10 // 1000: t=0,99 -> 0; t=100 -> 1; t=999 -> 9 (bin 9 the noisiest)."""
     t = torch.tensor([0, 99, 100, 999])
     assert timestep_bin(t, T).tolist() == [0, 0, 1, 9]
+
+
+# ---------------------------------------------------------------- gamma bins on flow matching
+
+
+def test_gamma_bin_sigma_ranges_flow_shift3() -> None:
+    """T = 1000, shift 3, 10 bins: t has s = (t+1)/1000 and sigma = 3s/(1+2s); bin k (0 the noisiest) holds
+    t = 900-100k .. 999-100k, so its sigmas run from sigma(0.901-0.1k) to sigma(1-0.1k).
+    k = 0: 2.703/2.802 = 0.964668 .. 1;   k = 1: 2.403/2.602 = 0.923520 .. 2.7/2.8 = 0.964286;
+    k = 5: 1.203/1.802 = 0.667592 .. 1.5/2 = 0.75;   k = 9: 0.003/1.002 = 0.002994 .. 0.3/1.2 = 0.25.
+    diffusers stores the sigmas in float32, hence the 1e-6 relative tolerance."""
+    ranges = gamma_bin_sigma_ranges(sd3_schedule(), 10)
+    assert ranges.shape == (10, 2)
+    expected = {0: (0.964668, 1.0), 1: (0.923520, 0.964286), 5: (0.667592, 0.75), 9: (0.002994, 0.25)}
+    for k, (lo, hi) in expected.items():
+        assert ranges[k].tolist() == pytest.approx([lo, hi], rel=1e-5), k
+
+
+def test_gamma_bin_sigma_ranges_descend_with_k() -> None:
+    """Bin 0 is the noisiest: every bin's sigmas lie above the next bin's (flow and DDPM alike)."""
+    for schedule in (sd3_schedule(), sd15_schedule()):
+        ranges = gamma_bin_sigma_ranges(schedule, 10)
+        assert (ranges[:-1, 0] > ranges[1:, 1]).all()
+        assert (ranges[:, 0] <= ranges[:, 1]).all()
+
+
+def test_ddpm_sigma_is_sqrt_one_minus_alpha_bar() -> None:
+    """alpha_bar = (0.75, 0.36): sigma = sqrt(1 - alpha_bar) = (0.5, 0.8)."""
+    schedule = NoiseSchedule(kind="ddpm", table=torch.tensor([0.75, 0.36], dtype=torch.float64))
+    assert schedule.sigma().tolist() == pytest.approx([0.5, 0.8])
+
+
+def test_schedule_from_scheduler_config_matches_the_scheduler() -> None:
+    """A scheduler's saved config rebuilds the same table (the shift of a flow config included)."""
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    rebuilt = NoiseSchedule.from_scheduler_config("flow", flow.config)
+    assert torch.equal(rebuilt.table, NoiseSchedule.from_flow_scheduler(flow).table)
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert torch.equal(NoiseSchedule.from_scheduler_config("ddpm", ddpm.config).table, sd15_schedule().table)
+
+
+# ---------------------------------------------------------------- exact timestep distributions
+
+
+def test_timestep_probs_gamma_hand_values() -> None:
+    """T = 10, 3 bins, gamma = 0.5: bins [6,10) [3,6) [0,3) with P = (4, 2, 1)/7, so each t in bin 0 has
+    (4/7)/4 = 1/7, in bin 1 (2/7)/3 = 2/21, in bin 2 (1/7)/3 = 1/21."""
+    probs = timestep_probs(10, TimestepConfig(sampling="gamma", gamma=0.5, bins=3))
+    assert probs.tolist() == pytest.approx([1 / 21] * 3 + [2 / 21] * 3 + [1 / 7] * 4)
+
+
+def test_timestep_probs_logit_normal_hand_values() -> None:
+    """T = 2, logit_normal(0, 1): t = 0 iff u < 1/2 iff z < 0, so P = (1/2, 1/2); with mean 1:
+    P(t = 0) = Phi(0 - 1) = 0.158655."""
+    assert timestep_probs(2, TimestepConfig(sampling="logit_normal")).tolist() == pytest.approx([0.5, 0.5])
+    shifted = timestep_probs(2, TimestepConfig(sampling="logit_normal", logit_mean=1.0))
+    assert shifted.tolist() == pytest.approx([0.158655, 0.841345], abs=1e-6)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "gamma"])
+def test_timestep_probs_match_the_sampler(sampling: str) -> None:
+    """The exact distribution is the sampler's: 100k draws binned into 10 ranges of 100 timesteps, chi-square
+    goodness of fit against the summed probabilities (9 dof)."""
+    config = TimestepConfig(sampling=sampling, gamma=0.9, bins=10)  # type: ignore[arg-type]
+    t = sample_timesteps(
+        100_000, T, sampling=config.sampling, generator=gen(5), gamma=config.gamma, bins=config.bins
+    )
+    observed = torch.bincount(t // 100, minlength=10).double()
+    expected = timestep_probs(T, config).reshape(10, 100).sum(1) * len(t)
+    assert expected.sum().item() == pytest.approx(len(t))
+    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3

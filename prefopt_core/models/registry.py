@@ -15,6 +15,7 @@ from prefopt_core.models.base import FAMILIES, ModelAdapter
 from prefopt_core.models.sd3 import SD3Adapter
 from prefopt_core.models.sd15 import SD15Adapter
 from prefopt_core.models.sdxl import SDXLAdapter
+from prefopt_core.storage import local_path
 
 #: Adapter class of every family in :data:`prefopt_core.models.base.FAMILIES`.
 ADAPTERS: dict[str, type] = {"sd3": SD3Adapter, "sdxl": SDXLAdapter, "sd15": SD15Adapter}
@@ -50,7 +51,8 @@ def adapter_for(model: Any, pretrained: str | Path, **extra: Any) -> ModelAdapte
 
 
 def get_adapter(family: str, pretrained: str | Path, **kwargs: Any) -> ModelAdapter:
-    """Construct the adapter of ``family`` for the pipeline at ``pretrained``."""
+    """Construct the adapter of ``family`` for the pipeline at ``pretrained`` (a local directory, or an
+    object-store one, read from a copy made once per node)."""
     if family not in ADAPTERS:
         raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
-    return ADAPTERS[family](pretrained, **kwargs)
+    return ADAPTERS[family](local_path(pretrained), **kwargs)  # a bucket copy is read locally

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from prefopt_core.models.base import TORCH_DTYPES, dir_fingerprint, read_model_index
+from prefopt_core.storage import local_path
 from prefopt_core.timesteps import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class SD15Adapter:
 
         if path is None:
             return UNet2DConditionModel.from_pretrained(self.pretrained, subfolder="unet", dtype=dtype)
-        return UNet2DConditionModel.from_pretrained(path, dtype=dtype)
+        return UNet2DConditionModel.from_pretrained(local_path(path), dtype=dtype)
 
     def noisy_latents(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``(N, C, h, w)`` x2, ``t (N,)`` -> ``√ᾱ_t x0 + √(1 − ᾱ_t) ε`` ``(N, C, h, w)`` (Ho et al., Eq. 4)."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from prefopt_core.models.base import TORCH_DTYPES, dir_fingerprint, read_model_index
+from prefopt_core.storage import local_path
 from prefopt_core.timesteps import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class SD3Adapter:
                 self.pretrained, subfolder="transformer", dtype=dtype
             )
         else:
-            model = SD3Transformer2DModel.from_pretrained(path, dtype=dtype)
+            model = SD3Transformer2DModel.from_pretrained(local_path(path), dtype=dtype)
         return model
 
     def sigmas(self, t: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,12 @@ def open_tracking_run(cfg: RunConfig, manifest: dict, parent_run_id: str | None)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     identity = tracking.RunIdentity(cfg.tracking.experiment, run_key, cfg.run.name, tags)
-    (workdir / "resolved_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    resolved = json.dumps(cfg.to_dict(), indent=1)
+    (workdir / "resolved_config.json").write_text(resolved)
+    local_config = cfg.scratch_dir / "resolved_config.json"  # MLflow logs artifacts from local files
+    if not workdir.is_local:
+        local_config.parent.mkdir(parents=True, exist_ok=True)
+        local_config.write_text(resolved)
     try:
         run_id, resumed = tracking.find_or_create_run(
             uri, cfg.tracking.experiment, run_key, cfg.run.name, tags
@@ -65,7 +69,7 @@ def open_tracking_run(cfg: RunConfig, manifest: dict, parent_run_id: str | None)
             )
         tracking.log_params_once(uri, run_id, flatten(cfg.to_dict()))
         tracking.log_cache_input(uri, run_id, manifest, cfg.cache_dir)
-        tracking.log_artifact(uri, run_id, workdir / "resolved_config.json")
+        tracking.log_artifact(uri, run_id, local_config)
         return identity, run_id, resumed
     except Exception as exc:
         logger.warning(
@@ -73,7 +77,7 @@ def open_tracking_run(cfg: RunConfig, manifest: dict, parent_run_id: str | None)
             "answers or spilled to %s",
             uri,
             exc,
-            workdir / "mlflow_pending.jsonl",
+            cfg.scratch_dir / "mlflow_pending.jsonl",
         )
         return identity, None, False
 
@@ -135,7 +139,7 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, dict, Any]:
         check_precomputed(cfg, manifest)
     storage = cfg.workdir / "ray_results"
     if cfg.train.resume == "never" and (storage / cfg.run.name).exists():
-        shutil.rmtree(storage / cfg.run.name)
+        (storage / cfg.run.name).rmtree()
     if cfg.train.resume == "require" and not any((storage / cfg.run.name).glob("step_*")):
         raise ConfigError(
             f"train.resume=require but run {cfg.run.name!r} has no checkpoint under {storage / cfg.run.name}; "
@@ -200,8 +204,10 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
     from pipelines.cache_reader import cache_dataset, sample_captions
     from ray_jobs import tracking
     from ray_jobs.cluster import ensure_ray
+    from ray_jobs.training.deepspeed_config import validate_deepspeed
     from ray_jobs.training.progress_relay import ProgressRelay
 
+    validate_deepspeed(cfg)  # a wrong train.deepspeed key fails here, before Ray or any worker starts
     ensure_ray(cfg)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     base, manifest, adapter = check_inputs(cfg)
@@ -236,5 +242,5 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
         num_pairs=manifest["num_pairs"],
         num_quarantined=manifest["num_quarantined"],
     )
-    (cfg.workdir / "train_summary.json").write_text(json.dumps(vars(summary), indent=1))
+    (cfg.workdir / "train_summary.json").write_text(json.dumps(vars(summary), indent=1))  # published whole
     return summary

@@ -32,7 +32,9 @@ from prefopt_core.config import RunConfig
 from prefopt_core.metrics import BinAccumulator
 from prefopt_core.objective import PreferenceBatch
 from prefopt_core.reference import LIVE_STRATEGIES
+from prefopt_core.storage import Location
 from ray_jobs.training.context import RayTrainContext, WorkerContext
+from ray_jobs.training.step_metrics import progress_extra, reduce_step_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class WorkerRecipe:
 
         from prefopt_core.models.registry import adapter_for
         from prefopt_core.objective import PreferenceObjective
-        from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu
+        from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu, size_of
         from ray_jobs.training.lora import add_lora
         from ray_jobs.training.optim import build_optimizer
 
@@ -110,9 +112,14 @@ class WorkerRecipe:
             policy = add_lora(policy, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         policy.train()
         optimizer, scheduler = build_optimizer(policy, cfg.train)
+        self.model_size = size_of(policy, self.inputs.base_model_dir)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, self.world)
+            model=policy,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config(cfg, self.world, size=self.model_size),
         )
+        self._zero3_engines = [self.engine] if cfg.train.zero_stage == 3 else []
         self.objective = PreferenceObjective.from_config(self.adapter, cfg)
         self.refs = self._reference_manager()
         self.reference = self.refs.reference
@@ -124,7 +131,7 @@ class WorkerRecipe:
             self.metrics = MetricBuffer(
                 self.inputs.tracking_uri,
                 self.inputs.run_id,
-                Path(cfg.workdir) / "mlflow_pending.jsonl",
+                cfg.scratch_dir / "mlflow_pending.jsonl",
                 identity=self.inputs.run_identity,
                 flush_every=5,
             )
@@ -151,9 +158,10 @@ class WorkerRecipe:
         reference.requires_grad_(False).eval()
         if cfg.train.zero_stage == 3:
             ref_engine, *_ = deepspeed.initialize(
-                model=reference, config=ds_config(cfg, self.world, reference=True)
+                model=reference, config=ds_config(cfg, self.world, size=self.model_size, reference=True)
             )
             ref_engine.eval()
+            self._zero3_engines.append(ref_engine)
             return ref_engine.module
         return reference.to(self.device)
 
@@ -162,7 +170,6 @@ class WorkerRecipe:
         from prefopt_core.models.base import per_sample_mse
         from prefopt_core.probe import build_probe
         from prefopt_core.reference import ReferenceManager
-        from prefopt_core.weights import zero3_copy
 
         cfg, adapter = self.cfg, self.adapter
         probe_table = self.inputs.probe
@@ -189,10 +196,23 @@ class WorkerRecipe:
             probe=probe,
             errors_fn=errors_fn if probe is not None else None,
             pretrained_fn=lambda: adapter.load_denoiser(cfg.model.init_denoiser, dtype=torch.float32),
-            copy_fn=zero3_copy,
+            copy_fn=self._copy_weights,
             chunk_size=2 * cfg.train.batch_size,
             device=self.device,
         )
+
+    def _release_zero3(self) -> None:
+        """Wait for and release every ZeRO-3 parameter a forward pass left gathered or in flight (its
+        prefetches), so weights can be gathered outside forward/backward; every rank (collective-free)."""
+        for engine in self._zero3_engines:
+            engine.empty_partition_cache()
+
+    def _copy_weights(self, src: torch.nn.Module, dst: torch.nn.Module) -> None:
+        """The reference update's copy (either side may be ZeRO-3 partitioned)."""
+        from prefopt_core.weights import zero3_copy
+
+        self._release_zero3()
+        zero3_copy(src, dst)
 
     def _resume(self) -> None:
         """Restore engine, reference and :class:`TrainState` from the latest checkpoint, if there is one."""
@@ -236,9 +256,8 @@ class WorkerRecipe:
         while True:
             seed = cfg.run.seed * 1000 + self.state.epoch * 10 + self.rank
             produced = 0
-            for i, table in enumerate(self.ctx.epoch_batches(cfg.train.batch_size, seed)):
-                if i < self.state.batch_in_epoch:
-                    continue
+            skip = self.state.batch_in_epoch
+            for i, table in enumerate(self.ctx.epoch_batches(cfg.train.batch_size, seed, skip), start=skip):
                 produced += 1
                 self.state.batch_in_epoch = i + 1
                 yield batch_from_table(table, self.columns)
@@ -267,15 +286,23 @@ class WorkerRecipe:
             for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
             if "reward_margin" in out.loss_output.per_sample:
-                self.bins.update(out.t, out.loss_output.per_sample["reward_margin"])
+                self.bins.update(out.t, out.loss_output.per_sample["reward_margin"], out.loss_output.losses)
         return sums, data_s
 
     def train(self) -> dict[str, float]:
-        """Optimizer steps until ``train.max_steps``, each logged (rank 0), checkpointed every
-        ``train.checkpoint_every`` steps and at the end."""
+        """Optimizer steps until ``train.max_steps``, checkpointed every ``train.checkpoint_every`` steps
+        and at the end. Per-step metrics stay on the device; every ``train.log_every`` steps (and before
+        a checkpoint or an eval) they are reduced over workers in one collective, copied to the host in
+        one sync and logged by rank 0, one MLflow entry per step. The context may publish the policy to
+        rollout actors after a step (streaming online training)."""
+        from ray_jobs.training.policy_sync import state_fn
+
         cfg = self.cfg
+        publish = state_fn(self.engine.module, cfg, self.rank)  # what rollouts sample from, if any
+        self.ctx.policy_step(self.state.step, publish, start=True)  # every rank
         batches = self._batches()
         progress = self._progress()
+        pending: list[tuple[int, dict[str, Any]]] = []
         last: dict[str, float] = {}
         while self.state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -283,34 +310,57 @@ class WorkerRecipe:
             self.state.step += 1
             self._maybe_inject_fault()
             ref_metrics = self.refs.on_optimizer_step(self.state.step, self.engine)  # every rank (collective)
+            # host time: on a GPU the step's kernels may still run; a window's mean is exact at the flush
             step_time = time.perf_counter() - t0
-            metrics = self._reduce(sums)
-            metrics.update(ref_metrics)  # identical on every rank: no reduction
-            if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.max_steps:
-                metrics.update(self._eval_metrics())
             pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
-            metrics.update(
-                lr=self.scheduler.get_last_lr()[0],
-                pairs_per_s=pairs / step_time,
-                **{"time/step_s": step_time, "time/data_s": data_s},
-            )
-            grad_norm = self.engine.get_global_grad_norm()
+            host = {
+                **ref_metrics,  # identical on every rank: no reduction
+                **self.ctx.policy_step(self.state.step, publish),  # every rank (may gather weights)
+                "lr": self.scheduler.get_last_lr()[0],
+                "pairs_per_s": pairs / step_time,
+                "time/step_s": step_time,
+                "time/data_s": data_s,
+            }
+            grad_norm = self.engine.get_global_grad_norm()  # a device tensor or a float: no sync here
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            if self.metrics is not None:
-                if self.state.step == 1 and self.initial_metrics:
-                    self.metrics.log(self.initial_metrics, 0)
-                self.metrics.log(metrics, self.state.step)
-            last = metrics
-            if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
-                self._checkpoint(metrics)
-            if progress is not None:
-                progress.update(1, **self._progress_extra(metrics))
+                sums = {**sums, "grad_norm": torch.as_tensor(grad_norm)}
+            pending.append((self.state.step, {"device": sums, "host": host}))
+            eval_now = self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.max_steps
+            checkpoint_now = (
+                bool(cfg.train.checkpoint_every) and self.state.step % cfg.train.checkpoint_every == 0
+            )
+            if eval_now or checkpoint_now or self.state.step % cfg.train.log_every == 0:
+                last = self._flush(pending, self._eval_metrics() if eval_now else {}, progress) or last
+                pending = []
+            if checkpoint_now:
+                self._checkpoint(last)
+        last = self._flush(pending, {}, progress) or last
         if not cfg.train.checkpoint_every or self.state.step % cfg.train.checkpoint_every:
             self._checkpoint(last)
         if progress is not None:
             progress.finish(checkpoint=f"step {self.last_checkpoint_step}")
         return last
+
+    def _flush(
+        self, pending: list[tuple[int, dict[str, Any]]], eval_metrics: dict[str, float], progress
+    ) -> dict[str, float]:
+        """Reduce and log the pending steps (``eval_metrics`` join the last one); returns the last step's
+        metrics, or ``{}`` when nothing was pending."""
+        if not pending:
+            return {}
+        reduced = reduce_step_metrics([entry["device"] for _, entry in pending], self.device, self.world)
+        metrics: dict[str, float] = {}
+        for (step, entry), values in zip(pending, reduced, strict=True):
+            metrics = {**values, **entry["host"]}
+            if step == pending[-1][0]:
+                metrics.update(eval_metrics)
+            if self.metrics is not None:
+                if step == 1 and self.initial_metrics:
+                    self.metrics.log(self.initial_metrics, 0)
+                self.metrics.log(metrics, step)
+            if progress is not None:
+                progress.update(1, **progress_extra(metrics, self.last_checkpoint_step))
+        return metrics
 
     def _progress(self) -> Progress | None:
         """Rank 0's training progress counter (steps), its records handed to the context."""
@@ -324,24 +374,6 @@ class WorkerRecipe:
             start_done=self.state.step,
             sink=self.ctx.progress,
         )
-
-    def _progress_extra(self, metrics: dict[str, float]) -> dict[str, Any]:
-        extra = {k: metrics[k] for k in ("loss", "implicit_acc", "reward_margin") if k in metrics}
-        extra["pairs/s"] = metrics["pairs_per_s"]
-        if self.last_checkpoint_step is not None:
-            extra["checkpoint"] = f"step {self.last_checkpoint_step}"
-        return extra
-
-    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean over workers of the per-step metrics (on the device: NCCL only reduces GPU tensors)."""
-        import torch.distributed as dist
-
-        keys = sorted(sums)
-        vec = torch.stack([sums[k].detach().float().to(self.device) for k in keys])
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(vec)
-            vec /= self.world
-        return {k: float(v) for k, v in zip(keys, vec.cpu().tolist(), strict=True)}
 
     def _eval_metrics(self) -> dict[str, float]:
         """KL estimates on the probe and per-timestep-bin accuracy/margin since the last eval."""
@@ -360,9 +392,10 @@ class WorkerRecipe:
         cfg = self.cfg
         if cfg.train.fail_at_step is None or self.state.step != cfg.train.fail_at_step:
             return
-        marker = Path(cfg.workdir) / f".fault_injected_{cfg.run.name}_{cfg.train.fail_at_step}"
+        marker = (
+            cfg.workdir / f".fault_injected_{cfg.run.name}_{cfg.train.fail_at_step}"
+        )  # seen by every node
         if self.rank == self.world - 1 and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text("fired\n")
             raise RuntimeError(f"injected fault at step {self.state.step} (train.fail_at_step)")
 
@@ -371,6 +404,7 @@ class WorkerRecipe:
         rank 0 writes the completion marker after a barrier, and each hands its directory to the context."""
         import torch.distributed as dist
 
+        self._release_zero3()  # the reference's state dict is gathered below
         tmp = Path(tempfile.mkdtemp(prefix=f"prefopt-ckpt-r{self.rank}-"))
         self.engine.save_checkpoint(
             str(tmp),
@@ -401,13 +435,20 @@ class WorkerRecipe:
 
         from ray_jobs.export import export_full, export_lora, gather_full_state_dict
 
+        self._release_zero3()
+
         module = self.engine.module
         state = gather_full_state_dict(module, zero_stage=self.cfg.train.zero_stage, rank=self.rank)
         if self.rank == 0:
-            export_dir = Path(self.inputs.export_dir)
+            target = Location(
+                self.inputs.export_dir
+            )  # an object-store export is staged locally, then uploaded
+            export_dir = target.local if target.is_local else self.cfg.scratch_dir / "export"
             export_full(module, state, export_dir / self.adapter.denoiser_subfolder)
             if self.cfg.model.lora_rank > 0:
                 export_lora(self.cfg.model.family, module, state, export_dir / "lora")
+            if not target.is_local:
+                target.upload_dir(export_dir)
             self._sample_grid(export_dir / self.adapter.denoiser_subfolder)
         if dist.is_initialized():
             dist.barrier()
@@ -419,7 +460,7 @@ class WorkerRecipe:
         prompts = list(self.inputs.sample_prompts)[: self.cfg.train.sample_prompts]
         if not prompts:
             return
-        path = Path(self.cfg.workdir) / "samples" / f"step_{self.state.step:08d}.png"
+        path = self.cfg.scratch_dir / "samples" / f"step_{self.state.step:08d}.png"
         write_sample_grid(self.cfg, self.adapter, prompts, exported, path, device=self.device)
         run_id = self.metrics.run_id if self.metrics is not None else None
         if run_id:
