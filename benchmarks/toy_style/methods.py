@@ -116,7 +116,7 @@ class Budget:
     """Sizes of a testbed run (``--quick`` shrinks them); every method gets ``max_steps`` x ``pairs_per_step``."""
 
     pairs_per_prompt: int = 8  # setting A: pairs per training prompt
-    samples_per_prompt_b: int = 24  # setting B: pairs drawn per training prompt (about 40 % are not ties)
+    samples_per_prompt_b: int = 32  # setting B: pairs drawn per training prompt (~25 % are not ties)
     max_steps: int = 120
     batch_size: int = 4  # pairs per worker per step (2 workers)
     eval_seeds: int = 32
