@@ -58,7 +58,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict
@@ -130,7 +129,7 @@ def _rows(
     labels = get_preset(settings.preset).labels
     n = len(part)
     if scorer is None or labels is None:
-        score_0 = score_1 = [math.nan] * n
+        score_0 = score_1 = [None] * n  # unscored: null, so reruns compare equal (NaN != NaN)
         label_0, label_1, flipped = [1.0] * n, [0.0] * n, [False] * n
     else:
         score_0 = scorer.score(first, [p.chosen_prompt for p in part]).tolist()
@@ -149,8 +148,8 @@ def _rows(
             "rejected_prompt": spec.rejected_prompt,
             "seed": spec.seed,
             "seed_1": spec.seed_1,
-            "score_0": float(score_0[i]),
-            "score_1": float(score_1[i]),
+            "score_0": None if score_0[i] is None else float(score_0[i]),
+            "score_1": None if score_1[i] is None else float(score_1[i]),
             "label_flipped": bool(flipped[i]),
             "base_model": settings.base_model,
             "preset": settings.preset,

@@ -67,7 +67,7 @@ REGENERATED_SCHEMA = pa.schema(
         pa.field("rejected_prompt", pa.string()),
         pa.field("seed", pa.int64()),  # noise of jpg_0 (and of jpg_1 in a template preset)
         pa.field("seed_1", pa.int64()),  # noise of jpg_1: seed, or seed + SECOND_SEED_OFFSET (seed-paired)
-        pa.field("score_0", pa.float64()),  # label scorer's score of jpg_0 (NaN: template preset, unscored)
+        pa.field("score_0", pa.float64()),  # label scorer's score of jpg_0 (null: template preset, unscored)
         pa.field("score_1", pa.float64()),
         pa.field("label_flipped", pa.bool_()),  # the labels were deliberately swapped (label noise)
         pa.field("base_model", pa.string()),
