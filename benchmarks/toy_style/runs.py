@@ -47,15 +47,13 @@ def regenerate(
     base_dir: Path,
     setting: str,
     budget: Budget,
-    prompts: list[str] | None = None,
-    tag: str = "",
 ) -> dict:
     """Setting A (Pick-Style: chosen from ``STYLE_TEMPLATE``, rejected from the plain prompt, same seed) or B
     (``pick-a-pic-like``: two seeds of the plain prompt, outline-scored, noisy labels, ties) pairs."""
     from ray_jobs.regenerate import run_regenerate
 
-    name = f"pairs_{setting}{tag}"
-    prompt_file = write_prompts(workdir / "prompts" / f"{name}.txt", prompts or train_prompts())
+    name = f"pairs_{setting}"
+    prompt_file = write_prompts(workdir / "prompts" / f"{name}.txt", train_prompts())
     if setting == "A":
         preset = [
             "regenerate.preset=custom",
@@ -83,11 +81,11 @@ def regenerate(
     return run_regenerate(cfg)
 
 
-def cache(workdir: Path, base_dir: Path, setting: str, tag: str = "") -> dict:
+def cache(workdir: Path, base_dir: Path, setting: str) -> dict:
     """The latent cache of a setting's pairs (ties and broken rows quarantined, counted)."""
     from ray_jobs.cache import run_cache
 
-    name = f"pairs_{setting}{tag}"
+    name = f"pairs_{setting}"
     cfg = run_config(
         workdir,
         f"cache_{name}",
@@ -107,19 +105,19 @@ def train(
     seed: int,
     budget: Budget,
     *,
-    tag: str = "",
     hparams: dict | None = None,
+    run_name: str | None = None,
 ) -> dict:
     """Train ``method`` with training seed ``seed`` from its setting's cache; returns time, export, metrics."""
     from ray_jobs.training.driver import run_training
 
     hp = hparams or hyperparameters(method)[0]
-    run_name = f"{method.name}{tag}_s{seed}"
+    run_name = run_name or f"{method.name}_s{seed}"  # its own workdir: a run resumes from the same name
     cfg = run_config(
         workdir,
         run_name,
         base_dir,
-        f"cache.dir={workdir / f'cache_pairs_{method.setting}{tag}'}",
+        f"cache.dir={workdir / f'cache_pairs_{method.setting}'}",
         f"run.seed={seed}",
         f"loss.beta={hp['beta']}" if hp["beta"] else "loss.beta=null",
         f"train.lr={hp['lr']}",

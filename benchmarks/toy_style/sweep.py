@@ -59,7 +59,7 @@ def sweep(workdir: Path, methods: tuple[Method, ...], budget: Budget) -> dict:
         for lr, beta in SWEEP_GRID[m.loss]:
             key = f"{m.name}_lr{lr:g}_b{beta if beta is not None else 0:g}"
             trained[key] = runs.train(
-                workdir, base_dir, m, 0, budget, tag="", hparams={"lr": lr, "beta": beta}
+                workdir, base_dir, m, 0, budget, hparams={"lr": lr, "beta": beta}, run_name=key
             )
             trained[key].update(lr=lr, beta=beta, method_name=m.name)
     ev = runs.evaluate(
