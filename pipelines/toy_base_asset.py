@@ -58,11 +58,20 @@ def _payload_files(directory: Path) -> list[str]:
     )
 
 
+def _shown(directory: Path) -> str:
+    """``directory`` relative to the repository root when it lies inside it (the shipped base), else as is."""
+    root = SHIPPED_DIR.parents[2]
+    try:
+        return directory.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return directory.as_posix()
+
+
 def write_manifest(directory: str | Path, seed: int) -> Path:
     """Write ``directory/manifest.json``: ``{"files": {relpath: sha256}, "rebuild": command}``; return its path."""
     directory = Path(directory)
     files = {rel: sha256_file(directory / rel) for rel in _payload_files(directory)}
-    manifest = {"files": files, "rebuild": REBUILD_COMMAND.format(out=directory.as_posix(), seed=seed)}
+    manifest = {"files": files, "rebuild": REBUILD_COMMAND.format(out=_shown(directory), seed=seed)}
     path = directory / MANIFEST
     path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return path

@@ -32,7 +32,7 @@ def test_manifest_lists_every_shipped_file_with_its_sha256():
     assert manifest["files"]["transformer/diffusion_pytorch_model.safetensors"] == sha256_file(
         SHIPPED_DIR / "transformer" / "diffusion_pytorch_model.safetensors"
     )
-    assert manifest["rebuild"].startswith("python -m pipelines.toy_base build ")
+    assert manifest["rebuild"] == "python -m pipelines.toy_base build pipelines/assets/toy_base --seed 0"
     assert sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*") if p.is_file()) <= 16 * 2**20
 
 
