@@ -60,8 +60,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ToyBaseConfig:
-    """Sizes, step counts and learning rates of the base (defaults: the shipped base's recipe; its build took
-    36 min of wall time on a shared, heavily loaded 2-core machine with one torch thread, less on idle cores)."""
+    """Sizes, step counts and learning rates of the base (defaults: the shipped base's recipe)."""
 
     # tokenization: CLIP pads to clip_max_length, T5 to max_sequence_length (pass it to every pipeline call)
     clip_max_length: int = 16

@@ -12,8 +12,8 @@ directory. ``model.pretrained=toy-base`` uses this directory after :func:`verify
 changed, or that is missing, is a :class:`ManifestError` naming it); ``model.pretrained=toy-base:rebuild`` trains
 a fresh base into ``<workdir>/base_model`` with the same recipe instead.
 
-Rebuild the shipped copy (36 min of wall time measured on two shared, busy CPU cores; each committed rebuild
-adds its ~3 MB to the repository history, so rebuild only when the recipe changes)::
+Rebuild the shipped copy (each committed rebuild adds its ~3 MB to the repository history, so rebuild only when
+the recipe changes; ``toy_base.json`` records how long the shipped build took)::
 
     python -m pipelines.toy_base build pipelines/assets/toy_base --seed 0
 """

@@ -53,7 +53,7 @@ def run_demo(cfg: RunConfig) -> dict[str, Any]:
 
     if cfg.model.pretrained == TOY_BASE_REBUILD and not (cfg.base_model_dir / "model_index.json").exists():
         logger.info(
-            "demo: training the toy base into %s first (once, ~30 min on 2 cores)", cfg.base_model_dir
+            "demo: training the toy base into %s first (once; tens of minutes on a CPU)", cfg.base_model_dir
         )
     cache = run_cache(cfg)
     train = run_training(cfg)
