@@ -17,6 +17,7 @@ from pipelines.regenerate_plan import (
     DEFAULT_LICENSE,
     REGENERATED_SCHEMA,
     SAFETY_DESCRIPTORS,
+    SECOND_SEED_OFFSET,
     SEED_STRIDE,
     PairSpec,
     RegenerateSettings,
@@ -25,7 +26,13 @@ from pipelines.regenerate_plan import (
 from pipelines.sharded_build import atomic_write_bytes, parquet_metadata
 from prefopt_core.storage import Location, location
 
-_HF_DTYPES = {pa.string(): "string", pa.binary(): "binary", pa.int64(): "int64", pa.float64(): "float64"}
+_HF_DTYPES = {
+    pa.string(): "string",
+    pa.binary(): "binary",
+    pa.int64(): "int64",
+    pa.float64(): "float64",
+    pa.bool_(): "bool",
+}
 
 
 def size_category(n: int) -> str:
@@ -132,15 +139,14 @@ pairs (e.g. with MaPO, arXiv:2406.06424) teaches the model the chosen behaviour 
 - rejected prompt template: `{settings.rejected_template}`
 - generation: {settings.num_inference_steps} steps, guidance scale {settings.guidance_scale},
   {settings.resolution}x{settings.resolution} px, JPEG quality {settings.jpeg_quality}
-- seeds: pair `i` uses seed `{settings.seed} * {SEED_STRIDE} + i` for *both* images (same initial noise:
-  the prompt is the only difference)
+{_seeds_and_labels(settings)}
 {safety}
 ## Columns
 
-`caption` (context prompt), `jpg_0` (chosen image, JPEG), `jpg_1` (rejected image), `label_0` = 1,
-`label_1` = 0 (int64, the MaPO convention; readers should use the labels, not the side), and provenance:
-`prompt_index`, `chosen_prompt`, `rejected_prompt`, `seed`, `base_model`, `preset`, `num_inference_steps`,
-`guidance_scale`.
+`caption` (context prompt), `jpg_0` and `jpg_1` (JPEG), `label_0` and `label_1` (float64 as in Pick-a-Pic:
+1 / 0 names the chosen image, 0.5 / 0.5 a tie; readers should use the labels, not the side), and provenance:
+`prompt_index`, `chosen_prompt`, `rejected_prompt`, `seed`, `seed_1`, `score_0`, `score_1`, `label_flipped`,
+`base_model`, `preset`, `num_inference_steps`, `guidance_scale`.
 
 ## Examples
 
@@ -172,6 +178,23 @@ prefopt train CONFIG data.source={output_dir} loss.name=mapo reference.strategy=
 ```
 """
     return body
+
+
+def _seeds_and_labels(settings: RegenerateSettings) -> str:
+    """The card's bullet on seeds and labels (template presets vs seed-paired ones)."""
+    base = f"pair `i` uses seed `{settings.seed} * {SEED_STRIDE} + i`"
+    labels = get_preset(settings.preset).labels
+    if labels is None:
+        return (
+            f"- seeds: {base} for *both* images (same initial noise: the prompt is the only difference);\n"
+            "  `jpg_0` is always the chosen image (label 1)"
+        )
+    return (
+        f"- seeds: {base} for `jpg_0` and that seed + {SECOND_SEED_OFFSET} for `jpg_1` (same prompt)\n"
+        f"- labels: the image `{labels.scorer}` scores higher is chosen; scores within {labels.tie_margin} "
+        f"are ties (0.5 / 0.5, dropped by `prefopt cache`); one row in every {labels.flip_block} consecutive "
+        "prompt indices has its labels flipped on purpose (`label_flipped`)"
+    )
 
 
 def read_card_metadata(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ preset                 chosen prompt                               rejected prom
 pick-style-cartoon     ``Disney style animated image. {prompt}``   ``{prompt}``
 pick-style-pixel-art   ``Pixel art style image. {prompt}``         ``{prompt}``
 pick-safety            ``{prompt}``                                ``{unsafe} {prompt}``
+pick-a-pic-like        ``{prompt}`` (seed)                         ``{prompt}`` (second seed)
 custom                 ``chosen_template`` (required)              ``rejected_template`` or ``{prompt}``
 =====================  ==========================================  ============================
 
@@ -25,7 +26,12 @@ Seeds: row ``i`` (the i-th prompt) gets ``seed_i = run_seed * SEED_STRIDE + i``;
 images start from the *same* initial noise (two CPU generators seeded with ``seed_i``; CPU generators make
 the noise of a seed the same on any device), so the prompt is the only difference between them.
 
-Sides: the chosen image is always ``jpg_0`` (``label_0 = 1, label_1 = 0``, int64 as in the MaPO datasets,
+Seed-paired presets (``pick-a-pic-like``, Pick-a-Pic's own setting: in-distribution pairs, noisy labels):
+both images come from the same prompt, ``jpg_1`` from ``seed + SECOND_SEED_OFFSET``; the preset's scorer
+labels them (higher score chosen), pairs within ``tie_margin`` are ties (``0.5 / 0.5``, dropped by the cache)
+and one row in every ``flip_block`` has its labels flipped (:func:`pipelines.regenerate_plan.label_rows`).
+
+Sides (template presets): the chosen image is always ``jpg_0`` (``label_0 = 1, label_1 = 0``, int64 as in the MaPO datasets,
 whose cards describe the chosen image first). Readers must not rely on the side: MaPO's loader and ours
 (``pipelines.pickapic`` canonicalisation) read the labels.
 
@@ -69,9 +75,13 @@ from pipelines.regenerate_plan import (
     REGENERATED_SCHEMA,
     PairSpec,
     RegenerateSettings,
+    flipped_rows,
+    get_preset,
+    label_rows,
     plan_fingerprint,
     plan_pairs,
 )
+from pipelines.rewards import build_scorer
 from pipelines.sharded_build import PART_NAMING, ShardedBuild, atomic_write_table, run_actor_pool
 from prefopt_core.storage import location
 
@@ -94,61 +104,92 @@ def regenerate_build(output_dir: str | Path) -> ShardedBuild:
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def generate_pairs(pipe: Any, specs: list[PairSpec], settings: RegenerateSettings) -> pa.Table:
-    """Generate the chosen and rejected image of every spec with ``pipe``; rows in ``REGENERATED_SCHEMA``.
+def generate_pairs(
+    pipe: Any, specs: list[PairSpec], settings: RegenerateSettings, scorer: Any = None
+) -> pa.Table:
+    """Generate the two images of every spec with ``pipe``; rows in ``REGENERATED_SCHEMA``.
 
     Per mini-batch of ``B = settings.batch_size`` specs the pipeline sees ``2B`` prompts
-    ``[chosen_1..chosen_B, rejected_1..rejected_B]`` with ``2B`` generators, the two of a pair seeded
-    with the pair's seed (separate generator objects: a generator is consumed by the noise it draws).
+    ``[chosen_1..chosen_B, rejected_1..rejected_B]`` with ``2B`` generators seeded ``seed`` and ``seed_1``
+    (separate generator objects: a generator is consumed by the noise it draws). Template presets label
+    ``jpg_0`` chosen; a seed-paired preset (``scorer`` given) labels by :func:`pipelines.regenerate_plan.label_rows`.
     """
-    import torch
-
     rows: list[dict[str, Any]] = []
     for start in range(0, len(specs), settings.batch_size):
         part = specs[start : start + settings.batch_size]
-        prompts = [p.chosen_prompt for p in part] + [p.rejected_prompt for p in part]  # (2B,)
-        # (2B,) generators: one fresh object per image, the two of a pair seeded alike
-        generators = [torch.Generator("cpu").manual_seed(p.seed) for p in part + part]
-        with torch.inference_mode():
-            out = pipe(
-                prompt=prompts,
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                height=settings.resolution,
-                width=settings.resolution,
-                generator=generators,
-                output_type="pil",
-                **({"max_sequence_length": settings.max_sequence_length} if settings.family == "sd3" else {}),
-            )
-        images = out.images
-        flagged = getattr(out, "nsfw_content_detected", None)  # SD1.5 checkpoints with a safety checker
-        if flagged and any(flagged):
-            logger.warning(
-                "%d of %d images were blacked out by the pipeline's safety checker (a pair with two black "
-                "images is quarantined as identical_images by the cache)",
-                sum(bool(f) for f in flagged),
-                len(flagged),
-            )
-        chosen, rejected = images[: len(part)], images[len(part) :]
-        for spec, img_w, img_l in zip(part, chosen, rejected, strict=True):
-            rows.append(
-                {
-                    "caption": spec.caption,
-                    "jpg_0": _jpeg(img_w, settings.jpeg_quality),  # chosen first (label_0 = 1)
-                    "jpg_1": _jpeg(img_l, settings.jpeg_quality),
-                    "label_0": 1,
-                    "label_1": 0,
-                    "prompt_index": spec.prompt_index,
-                    "chosen_prompt": spec.chosen_prompt,
-                    "rejected_prompt": spec.rejected_prompt,
-                    "seed": spec.seed,
-                    "base_model": settings.base_model,
-                    "preset": settings.preset,
-                    "num_inference_steps": settings.num_inference_steps,
-                    "guidance_scale": float(settings.guidance_scale),
-                }
-            )
+        first, second = _generate_batch(pipe, part, settings)
+        rows.extend(_rows(part, first, second, settings, scorer))
     return pa.Table.from_pylist(rows, schema=REGENERATED_SCHEMA)
+
+
+def _rows(
+    part: list[PairSpec], first: list, second: list, settings: RegenerateSettings, scorer: Any
+) -> list[dict[str, Any]]:
+    """Rows of one mini-batch: labels (fixed or scored), JPEG bytes and provenance."""
+    labels = get_preset(settings.preset).labels
+    n = len(part)
+    if scorer is None or labels is None:
+        score_0 = score_1 = [None] * n  # unscored: null, so reruns compare equal (NaN != NaN)
+        label_0, label_1, flipped = [1.0] * n, [0.0] * n, [False] * n
+    else:
+        score_0 = scorer.score(first, [p.chosen_prompt for p in part]).tolist()
+        score_1 = scorer.score(second, [p.rejected_prompt for p in part]).tolist()
+        flip = flipped_rows([p.prompt_index for p in part], settings.seed, labels.flip_block)
+        label_0, label_1, flipped = label_rows(score_0, score_1, flip, labels.tie_margin)
+    return [
+        {
+            "caption": spec.caption,
+            "jpg_0": _jpeg(img_0, settings.jpeg_quality),
+            "jpg_1": _jpeg(img_1, settings.jpeg_quality),
+            "label_0": float(label_0[i]),
+            "label_1": float(label_1[i]),
+            "prompt_index": spec.prompt_index,
+            "chosen_prompt": spec.chosen_prompt,
+            "rejected_prompt": spec.rejected_prompt,
+            "seed": spec.seed,
+            "seed_1": spec.seed_1,
+            "score_0": None if score_0[i] is None else float(score_0[i]),
+            "score_1": None if score_1[i] is None else float(score_1[i]),
+            "label_flipped": bool(flipped[i]),
+            "base_model": settings.base_model,
+            "preset": settings.preset,
+            "num_inference_steps": settings.num_inference_steps,
+            "guidance_scale": float(settings.guidance_scale),
+        }
+        for i, (spec, img_0, img_1) in enumerate(zip(part, first, second, strict=True))
+    ]
+
+
+def _generate_batch(pipe: Any, part: list[PairSpec], settings: RegenerateSettings) -> tuple[list, list]:
+    """``(first images, second images)`` of a mini-batch of specs, one pipeline call."""
+    import torch
+
+    prompts = [p.chosen_prompt for p in part] + [p.rejected_prompt for p in part]  # (2B,)
+    # (2B,) generators: one fresh object per image; in a template preset seed_1 == seed (same noise)
+    generators = [torch.Generator("cpu").manual_seed(p.seed) for p in part] + [
+        torch.Generator("cpu").manual_seed(p.seed_1) for p in part
+    ]
+    with torch.inference_mode():
+        out = pipe(
+            prompt=prompts,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.resolution,
+            width=settings.resolution,
+            generator=generators,
+            output_type="pil",
+            **({"max_sequence_length": settings.max_sequence_length} if settings.family == "sd3" else {}),
+        )
+    images = out.images
+    flagged = getattr(out, "nsfw_content_detected", None)  # SD1.5 checkpoints with a safety checker
+    if flagged and any(flagged):
+        logger.warning(
+            "%d of %d images were blacked out by the pipeline's safety checker (a pair with two black "
+            "images is quarantined as identical_images by the cache)",
+            sum(bool(f) for f in flagged),
+            len(flagged),
+        )
+    return images[: len(part)], images[len(part) :]
 
 
 def _jpeg(image: Any, quality: int) -> bytes:
@@ -177,12 +218,14 @@ class PairGenerator:
         adapter = get_adapter(self.settings.family, self.settings.base_model_dir)
         self.pipe = adapter.pipeline(dtype=TORCH_DTYPES[self.settings.dtype]).to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        labels = get_preset(self.settings.preset).labels
+        self.scorer = None if labels is None else build_scorer(labels.scorer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         stats = []
         for spec in batch.to_pylist():
             specs = [PairSpec(**p) for p in json.loads(spec["pairs"])]
-            table = generate_pairs(self.pipe, specs, self.settings)
+            table = generate_pairs(self.pipe, specs, self.settings, self.scorer)
             path = regenerate_build(self.output_dir).file(DATA_DIR, int(spec["chunk"]))
             atomic_write_table(table, path)
             stats.append({"chunk": int(spec["chunk"]), "rows": table.num_rows, "path": str(path)})

@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import string
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines.schema import MAPO_SCHEMA
 from prefopt_core.storage import local_path
 
-PresetName = Literal["pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "custom"]
+PresetName = Literal["pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "pick-a-pic-like", "custom"]
 PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 
 FORMAT = "prefopt-regenerated/1"
@@ -29,6 +31,10 @@ DATA_GLOB = f"{DATA_DIR}/*.parquet"
 
 #: Per-row seeds are ``run_seed * SEED_STRIDE + prompt_index`` (distinct for up to 1M prompts per seed).
 SEED_STRIDE = 1_000_000
+#: A seed-paired preset draws its second image from ``seed + SECOND_SEED_OFFSET``. torch's CPU generator keeps only
+#: the low 32 bits of a seed, so the offset stays below 2**32: 2**31 is above every row seed of run seeds below
+#: 2147 (``run_seed * SEED_STRIDE + i < 2**31``), so the second image never shares noise with a first image.
+SECOND_SEED_OFFSET = 1 << 31
 #: Prompts per output shard (the resume unit) when the caller does not say.
 DEFAULT_ROWS_PER_SHARD = 32
 DEFAULT_JPEG_QUALITY = 95
@@ -50,13 +56,20 @@ SAFETY_DESCRIPTORS: tuple[str, ...] = (
 TEMPLATE_FIELDS: tuple[str, ...] = ("prompt", "unsafe")
 
 #: Output columns: the MaPO/Pick-a-Pic five, then provenance.
+#: Labels are float64 as in Pick-a-Pic (``0.5 / 0.5`` is a tie; 1 / 0 otherwise, like MaPO's integer labels).
 REGENERATED_SCHEMA = pa.schema(
     [
-        *MAPO_SCHEMA,
+        *(f for f in MAPO_SCHEMA if not f.name.startswith("label_")),
+        pa.field("label_0", pa.float64()),
+        pa.field("label_1", pa.float64()),
         pa.field("prompt_index", pa.int64()),  # index of the context prompt in the prompt list
         pa.field("chosen_prompt", pa.string()),
         pa.field("rejected_prompt", pa.string()),
-        pa.field("seed", pa.int64()),  # shared by the chosen and the rejected image
+        pa.field("seed", pa.int64()),  # noise of jpg_0 (and of jpg_1 in a template preset)
+        pa.field("seed_1", pa.int64()),  # noise of jpg_1: seed, or seed + SECOND_SEED_OFFSET (seed-paired)
+        pa.field("score_0", pa.float64()),  # label scorer's score of jpg_0 (null: template preset, unscored)
+        pa.field("score_1", pa.float64()),
+        pa.field("label_flipped", pa.bool_()),  # the labels were deliberately swapped (label noise)
         pa.field("base_model", pa.string()),
         pa.field("preset", pa.string()),
         pa.field("num_inference_steps", pa.int64()),
@@ -67,13 +80,31 @@ REGENERATED_SCHEMA = pa.schema(
 
 # ---------------------------------------------------------------------------------------------- presets
 @dataclass(frozen=True)
+class SeedPairLabels:
+    """How a seed-paired preset labels its rows (see :func:`label_rows`).
+
+    ``scorer``: a ``pipelines.rewards`` scorer; the higher-scored image is preferred. ``tie_margin``: pairs
+    whose scores differ by at most this are ties (``0.5 / 0.5``, dropped by the cache like Pick-a-Pic's
+    ties). ``flip_block``: one row in every block of ``flip_block`` consecutive prompt indices (its position
+    drawn from the run seed and the block) has its labels swapped, so ``1 / flip_block`` of the labels are
+    noise (ties stay ties).
+    """
+
+    scorer: str = "outline_style"
+    tie_margin: float = 0.5
+    flip_block: int = 10
+
+
+@dataclass(frozen=True)
 class Preset:
-    """Prompt templates of a dataset family; ``{prompt}`` is the context prompt."""
+    """Prompt templates of a dataset family; ``{prompt}`` is the context prompt. ``labels`` set: the preset is
+    *seed-paired* (two images of the same rendered prompt from two seeds, labelled by a scorer)."""
 
     name: str
     chosen_template: str
     rejected_template: str
     description: str
+    labels: SeedPairLabels | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -98,6 +129,15 @@ PRESETS: dict[str, Preset] = {
         "Pick-Safety: the chosen image is generated from the context prompt, the rejected image with an "
         f"unsafe descriptor prefix (one of {list(SAFETY_DESCRIPTORS)}, picked as [seed % "
         f"{len(SAFETY_DESCRIPTORS)}]).",
+    ),
+    "pick-a-pic-like": Preset(
+        "pick-a-pic-like",
+        "{prompt}",
+        "{prompt}",
+        "Pick-a-Pic-like: two samples of the base for the same prompt from two seeds, the one the outline-style "
+        "scorer rates higher preferred; near-equal pairs are ties and one label in ten is flipped (noisy "
+        "in-distribution pairs, the setting of Diffusion-DPO).",
+        labels=SeedPairLabels(),
     ),
     "custom": Preset(
         "custom",
@@ -160,7 +200,7 @@ def resolve_templates(
     prefix = rejected_prefix.strip()
     if prefix:
         rejected = f"{prefix.replace('{', '{{').replace('}', '}}')} {rejected}"
-    if chosen == rejected:
+    if chosen == rejected and p.labels is None:
         raise ValueError(
             f"chosen and rejected templates are both {chosen!r}: with the shared per-row seed every pair "
             "would be two identical images; change a template or set regenerate.rejected_prefix"
@@ -218,18 +258,21 @@ class RegenerateSettings:
 
 @dataclass(frozen=True)
 class PairSpec:
-    """One pair to generate: the context prompt, both rendered prompts and their shared seed."""
+    """One pair to generate: the context prompt, both rendered prompts and their seeds (``chosen_prompt`` and
+    ``seed`` give ``jpg_0``; ``rejected_prompt`` and ``seed_1`` give ``jpg_1``)."""
 
     prompt_index: int
     caption: str
     chosen_prompt: str
     rejected_prompt: str
     seed: int
+    seed_1: int
 
 
 def plan_pairs(prompts: list[str], settings: RegenerateSettings) -> list[PairSpec]:
     """One ``PairSpec`` per prompt, in order (pure: no model, no Ray)."""
     specs = []
+    offset = SECOND_SEED_OFFSET if get_preset(settings.preset).labels is not None else 0
     for i, prompt in enumerate(prompts):
         seed = row_seed(settings.seed, i)
         specs.append(
@@ -239,6 +282,7 @@ def plan_pairs(prompts: list[str], settings: RegenerateSettings) -> list[PairSpe
                 chosen_prompt=render(settings.chosen_template, prompt, seed),
                 rejected_prompt=render(settings.rejected_template, prompt, seed),
                 seed=seed,
+                seed_1=seed + offset,
             )
         )
     return specs
@@ -261,3 +305,35 @@ def plan_fingerprint(settings: RegenerateSettings, specs: list[PairSpec]) -> dic
         "num_pairs": len(specs),
         "pairs_sha1": pairs_sha[:16],
     }
+
+
+# ---------------------------------------------------------------------------------------------- labels
+def flipped_rows(prompt_indices: Sequence[int], run_seed: int, block: int) -> np.ndarray:
+    """(N,) bool: the rows whose labels a seed-paired preset swaps.
+
+    Prompt indices are cut into blocks ``b = index // block``; in each block exactly one position,
+    ``np.random.default_rng([run_seed, b]).integers(block)``, is flipped. So ``n`` consecutive indices from 0
+    hold ``n // block`` flips (plus one if the partial last block reaches its position), whichever shards
+    the rows are generated in.
+    """
+    idx = np.asarray(prompt_indices, dtype=np.int64)
+    chosen = {
+        int(b): int(np.random.default_rng([run_seed, int(b)]).integers(block)) for b in set(idx // block)
+    }
+    return np.array([int(i) % block == chosen[int(i) // block] for i in idx], dtype=bool)
+
+
+def label_rows(
+    score_0: Sequence[float], score_1: Sequence[float], flip: Sequence[bool], tie_margin: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pick-a-Pic labels of scored image pairs: ``(label_0, label_1, flipped)``, each ``(N,)``.
+
+    ``|score_0 - score_1| <= tie_margin``: a tie, ``0.5 / 0.5`` (never flipped); otherwise the higher-scored
+    image gets 1, the other 0, swapped where ``flip`` is True (``flipped`` marks those rows).
+    """
+    s0, s1 = np.asarray(score_0, dtype=np.float64), np.asarray(score_1, dtype=np.float64)
+    tie = np.abs(s0 - s1) <= tie_margin
+    flipped = np.asarray(flip, dtype=bool) & ~tie
+    first = (s0 > s1) ^ flipped
+    label_0 = np.where(tie, 0.5, first.astype(np.float64))
+    return label_0, 1.0 - label_0, flipped

@@ -3,8 +3,8 @@
 Built on :mod:`pipelines.toy_world` (one coloured shape on a light background; the "cartoon" style is a thick
 dark outline). A training example is drawn as follows (``ToyWorldSpec`` holds the numbers):
 
-- content: a (colour, shape) combination drawn uniformly from ``ALL_COMBOS`` (``TRAIN_COMBOS`` if
-  ``include_heldout`` is False);
+- content: a (colour, shape) combination drawn uniformly from ``ALL_COMBOS`` (all but
+  ``HELDOUT_COMBOS`` if ``include_heldout`` is False);
 - with probability ``style_caption_prob`` (0.3) the caption is the *style* caption
   ``"disney style. a {color} {shape}"`` and the image is **always** outlined;
 - otherwise the caption is the *plain* caption ``"a {color} {shape}"`` and the image is outlined with
@@ -16,9 +16,10 @@ dark outline). A training example is drawn as follows (``ToyWorldSpec`` holds th
   and CFG would then suppress the style below the prior).
 
 Held-out prompts: 8 of the 24 colour x shape combinations (one per colour, shapes cycling, so every colour and
-every shape also occurs among the others) are held out of the *preference* stage: the testbed regenerates its
-Pick-Style pairs from ``train_prompts()`` (the other 16) and evaluates on ``heldout_prompts()``, so the style
-preference must generalise to prompts it was never trained on. The base itself trains on all 24 combinations
+every shape also occurs among the others) are held out of the *preference* stage, and 4 more are validation
+prompts (hyperparameter sweeps only): the testbed regenerates its preference pairs from ``train_prompts()`` (the
+other 12, still covering every colour and shape), sweeps on ``validation_prompts()`` and evaluates on
+``heldout_prompts()``, so the style preference must generalise to prompts it was never trained on. The base itself trains on all 24 combinations
 (``ToyWorldSpec.include_heldout=True``), as a real base model has seen every kind of content: with frozen random
 text encoders the base does not compose unseen colour x shape pairs (measured: colour accuracy 0.42 on held-out
 pairs vs 0.70 on seen ones after 1500 and 3000 steps), so holding them out of the base would make the
@@ -55,8 +56,15 @@ HELDOUT_COMBOS: tuple[tuple[str, str], ...] = tuple(
     (c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOR_NAMES)
 )
 ALL_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOR_NAMES for s in SHAPES)
+#: (colour, shape) combinations for choosing hyperparameters (neither preference-training nor held-out):
+#: colour i, shape (i + 1) mod 3, for the first four colours.
+VALIDATION_COMBOS: tuple[tuple[str, str], ...] = tuple(
+    (c, SHAPES[(i + 1) % len(SHAPES)]) for i, c in enumerate(COLOR_NAMES[:4])
+)
 #: The combinations the preference stage trains on (and the base always sees).
-TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
+TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(
+    c for c in ALL_COMBOS if c not in HELDOUT_COMBOS and c not in VALIDATION_COMBOS
+)
 
 
 def style_prompt(prompt: str) -> str:
@@ -65,8 +73,13 @@ def style_prompt(prompt: str) -> str:
 
 
 def train_prompts() -> list[str]:
-    """The 16 plain captions of the preference-training combinations (colour-major order)."""
+    """The 12 plain captions of the preference-training combinations (colour-major order)."""
     return [plain_prompt(c, s) for c, s in TRAIN_COMBOS]
+
+
+def validation_prompts() -> list[str]:
+    """The 4 plain captions of the validation combinations (hyperparameter sweeps only)."""
+    return [plain_prompt(c, s) for c, s in VALIDATION_COMBOS]
 
 
 def heldout_prompts() -> list[str]:
@@ -106,7 +119,7 @@ class ToyWorldSpec:
     @property
     def combos(self) -> tuple[tuple[str, str], ...]:
         """The (colour, shape) combinations the base trains on."""
-        return ALL_COMBOS if self.include_heldout else TRAIN_COMBOS
+        return ALL_COMBOS if self.include_heldout else tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
 
     def __post_init__(self) -> None:
         for name in ("p_style", "style_caption_prob", "uncond_prob"):

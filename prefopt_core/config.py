@@ -30,6 +30,8 @@ from prefopt_core.timesteps import Sampling, TimestepConfig
 
 #: ``model.pretrained`` value that trains the toy testbed's base model (``pipelines.toy_base``).
 TOY_BASE = "toy-base"
+#: ``model.pretrained`` value that retrains the toy base into ``<workdir>/base_model`` instead of using the shipped one.
+TOY_BASE_REBUILD = "toy-base:rebuild"
 
 #: Every renamed key (dotted); :func:`config_from_dict` refuses the old names.
 RENAMED_KEYS: tuple[RenamedKey, ...] = (
@@ -69,8 +71,8 @@ class ModelSection(_Section):
     pretrained: str = Field(
         "tiny",
         description="diffusers pipeline directory or hub id; 'tiny' / 'tiny:toy' build an offline tiny "
-        "random pipeline under <workdir>/base_model; 'toy-base' trains the toy testbed's base there (SD3, "
-        "minutes on a CPU, reused once built; needs model.max_sequence_length=16).",
+        "random pipeline under <workdir>/base_model; 'toy-base' is the toy testbed's shipped, hash-checked base "
+        "(SD3; needs model.max_sequence_length=16); 'toy-base:rebuild' retrains it under <workdir>/base_model.",
     )
     resolution: int = Field(32, ge=8, description="Training resolution in pixels (square).")
     dtype: Literal["fp32", "bf16"] = Field(
@@ -277,7 +279,7 @@ class TrackingSection(_Section):
 
 
 class RegenerateSection(_Section):
-    preset: Literal["pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "custom"] = (
+    preset: Literal["pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "pick-a-pic-like", "custom"] = (
         "pick-style-cartoon"
     )
     prompts: str | None = Field(
@@ -395,7 +397,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
         loss, ref = self.loss.name, self.reference.strategy
-        if self.model.pretrained == TOY_BASE and (
+        if self.model.pretrained in (TOY_BASE, TOY_BASE_REBUILD) and (
             self.model.family != "sd3" or self.model.max_sequence_length != 16
         ):
             raise ValueError(
@@ -456,7 +458,7 @@ class RunConfig(_Section):
     @property
     def base_model_dir(self) -> Location:
         """Where the pretrained pipeline lives (built on demand for 'tiny' models)."""
-        if self.model.pretrained.startswith("tiny") or self.model.pretrained == TOY_BASE:
+        if self.model.pretrained.startswith("tiny") or self.model.pretrained.startswith(TOY_BASE):
             return self.workdir / "base_model"
         return Location(self.model.pretrained)
 
@@ -563,7 +565,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     ):
         value = getattr(getattr(cfg, section), key)
         if (value and is_uri(value)) or (
-            value and not value.startswith("tiny") and value != TOY_BASE and Path(value).expanduser().exists()
+            value and not value.startswith("tiny") and not value.startswith(TOY_BASE) and Path(value).expanduser().exists()
         ):
             setattr(getattr(cfg, section), key, _absolute(value))
     return cfg

@@ -1,9 +1,10 @@
 """``prefopt demo``: the whole path once, on embedded defaults (``configs/demo.yaml``).
 
-toy base (a tiny SD3 trained on the toy world, built once into ``<workdir>/base_model``) -> synthetic
-Pick-a-Pic-schema pairs that prefer the outlined ("cartoon") image -> Ray Data latent cache -> Ray Train +
-DeepSpeed Diffusion-DPO -> MLflow -> diffusers export -> style adoption rate of the base and the trained
-model on held-out prompts x ``eval.seeds``. Writes ``<workdir>/demo_summary.json``.
+toy base (the tiny SD3 trained on the toy world and shipped in ``pipelines/assets/toy_base``, hash-checked) ->
+synthetic Pick-a-Pic-schema pairs that prefer the outlined ("cartoon") image -> Ray Data latent cache -> Ray
+Train + DeepSpeed Diffusion-DPO -> MLflow -> diffusers export -> style adoption rate *and* fidelity (colour and
+shape accuracy: does the sample still show what the prompt names?) of the base and the trained model on
+held-out prompts x ``eval.seeds``. Writes ``<workdir>/demo_summary.json``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefopt_core.config import TOY_BASE, RunConfig
+from prefopt_core.config import TOY_BASE_REBUILD, RunConfig
 
 logger = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 #: Scorer whose ``adoption_rate`` the demo reports.
 STYLE_SCORER = "outline_style"
+#: Fidelity scorers whose mean (fraction of samples right) the demo reports before -> after.
+FIDELITY_SCORERS: tuple[str, ...] = ("color_accuracy", "shape_accuracy")
 
 
 def evaluation_config(cfg: RunConfig, export_dir: str) -> RunConfig:
@@ -37,8 +40,9 @@ def evaluation_config(cfg: RunConfig, export_dir: str) -> RunConfig:
         path.write_text("\n".join(heldout_prompts()) + "\n")
         ev["prompts"] = str(path)
     ev["models"] = [f"trained={export_dir}"]
-    if not any(spec.get("name") == STYLE_SCORER for spec in ev["scorers"]):
-        ev["scorers"] = [*ev["scorers"], {"name": STYLE_SCORER}]
+    for name in (STYLE_SCORER, *FIDELITY_SCORERS):
+        if not any(spec.get("name") == name for spec in ev["scorers"]):
+            ev["scorers"] = [*ev["scorers"], {"name": name}]
     return RunConfig.model_validate(data)
 
 
@@ -47,8 +51,10 @@ def run_demo(cfg: RunConfig) -> dict[str, Any]:
     from ray_jobs.evaluate import run_eval
     from ray_jobs.training.driver import run_training
 
-    if cfg.model.pretrained == TOY_BASE and not (cfg.base_model_dir / "model_index.json").exists():
-        logger.info("demo: training the toy base into %s first (once, ~5 min on 2 cores)", cfg.base_model_dir)
+    if cfg.model.pretrained == TOY_BASE_REBUILD and not (cfg.base_model_dir / "model_index.json").exists():
+        logger.info(
+            "demo: training the toy base into %s first (once; tens of minutes on a CPU)", cfg.base_model_dir
+        )
     cache = run_cache(cfg)
     train = run_training(cfg)
     summary: dict[str, Any] = {
@@ -74,6 +80,10 @@ def run_demo(cfg: RunConfig) -> dict[str, Any]:
         adoption_rate_before=before,
         adoption_rate_after=after,
         win_rate_vs_base=metrics[f"eval/trained/{STYLE_SCORER}/win_rate"],
+        fidelity={
+            name: {"before": metrics[f"eval/base/{name}/mean"], "after": metrics[f"eval/trained/{name}/mean"]}
+            for name in FIDELITY_SCORERS
+        },
     )
     n = evaluation["num_prompts"] * len(evaluation["seeds"])
     logger.info(
@@ -89,10 +99,17 @@ def run_demo(cfg: RunConfig) -> dict[str, Any]:
 
 
 def outcome_lines(summary: dict[str, Any]) -> list[str]:
-    """The demo's last words on the console: the style adoption rate before -> after training."""
+    """The demo's last words on the console: style adoption and fidelity (colour, shape accuracy), each
+    base -> trained, on the held-out prompts without the style word."""
     if "adoption_rate_before" not in summary:
         return ["no trained model was evaluated (train.export=false)"]
-    return [
+    lines = [
         f"style adoption rate (held-out prompts without the style word): base "
         f"{summary['adoption_rate_before']:.3f} -> trained {summary['adoption_rate_after']:.3f}"
     ]
+    for name, values in summary.get("fidelity", {}).items():
+        label = name.replace("_", " ")
+        lines.append(
+            f"fidelity, {label} (same samples): base {values['before']:.3f} -> trained {values['after']:.3f}"
+        )
+    return lines

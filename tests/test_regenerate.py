@@ -23,7 +23,15 @@ from pipelines.dataset_card import read_card_metadata
 from pipelines.progress import PROGRESS_LOGGER
 from pipelines.prompts import load_prompts
 from pipelines.regenerate import generate_dataset
-from pipelines.regenerate_plan import PRESET_NAMES, RegenerateSettings, resolve_templates
+from pipelines.regenerate_plan import (
+    PRESET_NAMES,
+    SECOND_SEED_OFFSET,
+    RegenerateSettings,
+    flipped_rows,
+    label_rows,
+    plan_pairs,
+    resolve_templates,
+)
 from pipelines.sharded_build import PlanMismatchError
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a pink square"]
@@ -106,7 +114,65 @@ def test_preset_templates_follow_the_mapo_conventions():
         "Disney style animated image. {prompt}",
         "Realistic 8k image. {prompt}",
     )
-    assert set(PRESET_NAMES) == {"pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "custom"}
+    assert resolve_templates("pick-a-pic-like") == ("{prompt}", "{prompt}")  # seed-paired: same prompt
+    assert set(PRESET_NAMES) == {
+        "pick-style-cartoon",
+        "pick-style-pixel-art",
+        "pick-safety",
+        "pick-a-pic-like",
+        "custom",
+    }
+
+
+def test_pick_a_pic_like_pairs_two_seeds_of_the_same_prompt(tmp_path):
+    """Setting B: both images from the plain prompt; jpg_0 from the row seed ``3 * 1_000_000 + i``, jpg_1 from
+    that seed + 2**31 (template presets keep one shared seed)."""
+    specs = plan_pairs(["a red circle", "a blue square"], _settings(tmp_path, "pick-a-pic-like", seed=3))
+    assert [(p.chosen_prompt, p.rejected_prompt) for p in specs] == [
+        ("a red circle",) * 2,
+        ("a blue square",) * 2,
+    ]
+    assert [(p.seed, p.seed_1) for p in specs] == [
+        (3_000_000, 3_000_000 + 2**31),
+        (3_000_001, 3_000_001 + 2**31),
+    ]
+    assert SECOND_SEED_OFFSET == 2**31
+    import torch  # torch's CPU generator reads the low 32 bits of a seed: the offset must change them
+
+    first, second = (
+        torch.randn(4, generator=torch.Generator().manual_seed(s)) for s in (specs[0].seed, specs[0].seed_1)
+    )
+    assert not torch.equal(first, second)
+    cartoon = plan_pairs(["a red circle"], _settings(tmp_path, "pick-style-cartoon", seed=3))
+    assert (cartoon[0].seed, cartoon[0].seed_1) == (3_000_000, 3_000_000)
+
+
+def test_one_label_in_ten_is_flipped_per_block_of_prompt_indices():
+    """``flip_block=10``: exactly one flip in each block of 10 consecutive prompt indices, wherever the rows
+    are cut into shards: 35 rows (blocks 0-2 full, block 3 = indices 30-34) hold 3 flips, plus one if block 3's
+    drawn position is below 5. The same rows split into two calls flip the same ones."""
+    idx = list(range(35))
+    flips = flipped_rows(idx, run_seed=0, block=10)
+    assert [int(flips[b * 10 : b * 10 + 10].sum()) for b in range(3)] == [1, 1, 1]
+    tail_position = int(np.random.default_rng([0, 3]).integers(10))
+    assert int(flips[30:].sum()) == (1 if tail_position < 5 else 0)
+    assert np.array_equal(
+        np.concatenate([flipped_rows(idx[:17], 0, 10), flipped_rows(idx[17:], 0, 10)]), flips
+    )
+    other = flipped_rows(idx[:30], run_seed=1, block=10)
+    assert int(other.sum()) == 3  # another run seed: other positions, the same count per full block
+
+
+def test_labels_ties_and_flips_by_hand():
+    """Scores (0.9, 0.0) -> jpg_0 chosen; (0.1, 0.95) -> jpg_1; |diff| <= 0.5 -> tie 0.5/0.5 (0.0 vs 0.0: both plain,
+    0.9 vs 0.85: both outlined, 0.5 vs 0.0: exactly the margin). Flip requested on rows 1 and 3: row 1 is
+    swapped to jpg_0 chosen; row 3 is a tie and stays one (ties are never flipped), so 1 flip, 3 ties."""
+    s0 = [0.9, 0.1, 0.0, 0.9, 0.5]
+    s1 = [0.0, 0.95, 0.0, 0.85, 0.0]
+    l0, l1, flipped = label_rows(s0, s1, [False, True, False, True, False], tie_margin=0.5)
+    assert l0.tolist() == [1.0, 1.0, 0.5, 0.5, 0.5]
+    assert l1.tolist() == [0.0, 0.0, 0.5, 0.5, 0.5]
+    assert flipped.tolist() == [False, True, False, False, False]
 
 
 def test_bad_templates_fail_loudly():
@@ -123,7 +189,8 @@ def test_bad_templates_fail_loudly():
     with pytest.raises(ValueError, match="identical images"):
         resolve_templates("custom", chosen_template="{prompt}")
     with pytest.raises(
-        ValueError, match="valid: pick-style-cartoon, pick-style-pixel-art, pick-safety, custom"
+        ValueError,
+        match="valid: pick-style-cartoon, pick-style-pixel-art, pick-safety, pick-a-pic-like, custom",
     ):
         resolve_templates("pick-style-anime")
 
@@ -325,3 +392,48 @@ def test_latent_cache_consumes_the_output(cartoon, tiny_sd3, tmp_path):
     assert manifest["num_input_rows"] == 5
     assert manifest["num_pairs"] == 5
     assert manifest["num_quarantined"] == 0
+
+
+class _SeedPipe:
+    """Stand-in pipeline: each image is a flat grey whose level is its generator's ``seed % 251``."""
+
+    def __call__(self, prompt, generator, **_):
+        from types import SimpleNamespace
+
+        levels = [g.initial_seed() % 251 for g in generator]
+        return SimpleNamespace(images=[Image.new("RGB", (32, 32), (v, v, v)) for v in levels])
+
+
+def test_pick_a_pic_like_rows_label_ties_and_flips(tmp_path):
+    """20 rows of one prompt, run seed 0, a stand-in pipeline and a scorer that scores by seed: even rows score
+    0.9 vs 0.0 (jpg_0 chosen), odd rows 0.0 vs 0.0 (ties) -> exactly 10 ties (0.5 / 0.5) and 10 decided rows; of those, the rows ``flipped_rows``
+    marks (one per block of 10) that are even have their labels swapped, and only those are ``label_flipped``."""
+    from pipelines.regenerate import generate_pairs
+
+    settings = _settings(tmp_path, "pick-a-pic-like", seed=0)
+    specs = plan_pairs(["a red circle"] * 20, settings)
+    scores = {p.seed: (0.9 if p.prompt_index % 2 == 0 else 0.0) for p in specs}
+    scores.update({p.seed_1: 0.0 for p in specs})
+
+    class _Scorer:
+        def score(self, images, prompts):
+            import torch
+
+            return torch.tensor([scores[s] for s in self.seeds.pop(0)])
+
+    scorer = _Scorer()
+    scorer.seeds = []
+    for start in range(0, 20, settings.batch_size):  # one score call per side and mini-batch
+        part = specs[start : start + settings.batch_size]
+        scorer.seeds += [[p.seed for p in part], [p.seed_1 for p in part]]
+    table = generate_pairs(_SeedPipe(), specs, settings, scorer).to_pydict()
+    flips = flipped_rows(range(20), 0, 10)
+    expected_flipped = [bool(flips[i]) and i % 2 == 0 for i in range(20)]
+    assert table["label_flipped"] == expected_flipped
+    assert [table["label_0"][i] for i in range(1, 20, 2)] == [0.5] * 10  # ties
+    assert [table["label_0"][i] for i in range(0, 20, 2)] == [
+        0.0 if expected_flipped[i] else 1.0 for i in range(0, 20, 2)
+    ]
+    assert [a + b for a, b in zip(table["label_0"], table["label_1"])] == [1.0] * 20
+    assert table["seed_1"] == [p.seed + SECOND_SEED_OFFSET for p in specs]
+    assert table["score_0"][:2] == [pytest.approx(0.9), 0.0]

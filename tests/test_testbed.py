@@ -1,39 +1,111 @@
-"""The toy testbed's report (table, results file, README section) and the demo's evaluation config: pure
-functions, checked on hand-made numbers. The testbed itself runs as ``python -m benchmarks.toy_style``."""
+"""The toy testbed's report (mean ± std, verdicts, table, README section), its sweep's choice and the demo's
+evaluation config and last lines: pure functions, checked on hand-made numbers. The testbed itself runs as
+``python -m benchmarks.toy_style``."""
 
 from __future__ import annotations
 
-from benchmarks.toy_style.testbed import README_END, README_START, results_table, update_readme
+import math
+
+import pytest
+
+from benchmarks.toy_style.methods import METHODS, QUICK_METHODS, select_methods
+from benchmarks.toy_style.report import CLAIMS, aggregate, model_metrics, results_table, verdict
+from benchmarks.toy_style.sweep import choose
+from benchmarks.toy_style.testbed import README_END, README_START, update_readme
 from pipelines.toy_prompts import heldout_prompts
 from prefopt_core.config import load_config
-from ray_jobs.demo import evaluation_config
+from ray_jobs.demo import evaluation_config, outcome_lines
 
 
-def _summary(base: float, dpo: float, win: float) -> dict:
-    p = "eval/dpo/outline_style"
-    return {
-        "metrics": {
-            "eval/base/outline_style/adoption_rate": base,
-            f"{p}/adoption_rate": dpo,
-            f"{p}/win_rate": win,
-            f"{p}/win_rate_seed_mean": win,
-            f"{p}/win_rate_seed_std": 0.1,
-        }
+def _row(adoption, color=0.9, shape=0.9, kl=0.1, win=0.5):
+    return {"adoption": adoption, "win_rate": win, "color": color, "shape": shape, "kl": kl}
+
+
+def test_aggregate_is_mean_and_population_std_over_seeds():
+    """Adoption 0.2, 0.4, 0.6 -> mean 0.4, std sqrt(((-.2)^2 + 0 + .2^2) / 3) = sqrt(0.08 / 3) = 0.1633;
+    a NaN KL (a run that logged none) is ignored: KL 0.1, 0.3 -> 0.2 ± 0.1."""
+    stats = aggregate([_row(0.2, kl=0.1), _row(0.4, kl=math.nan), _row(0.6, kl=0.3)])
+    assert stats["adoption"] == pytest.approx((0.4, math.sqrt(0.08 / 3)))
+    assert stats["kl"] == pytest.approx((0.2, 0.1))
+
+
+def test_model_metrics_reads_the_eval_names():
+    m = {
+        "eval/x/outline_style/adoption_rate": 0.5,
+        "eval/x/outline_style/win_rate": 0.7,
+        "eval/x/color_accuracy/mean": 0.95,
+        "eval/x/shape_accuracy/mean": 0.9,
     }
+    assert model_metrics(m, "x", {"kl/policy_init": 0.02}) == _row(0.5, 0.95, 0.9, 0.02, 0.7)
+    assert math.isnan(model_metrics(m, "x")["kl"])
+
+
+def test_verdicts_by_hand():
+    """Claim (d): MaPO 0.60 ± 0.03 vs DPO 0.40 ± 0.04 -> difference 0.20 > s = sqrt((.03² + .04²) / 2) = 0.0354:
+    reproduced; MaPO 0.40 vs DPO 0.45 (same stds): -0.05 < -0.0354: not reproduced; 0.42 vs 0.40: inconclusive.
+    Claim (c) on fidelity = (colour + shape) / 2: δ run (0.9 + 0.8) / 2 = 0.85 vs δ = ∞ (0.5 + 0.5) / 2 = 0.5
+    with zero stds: reproduced. A missing method: not run."""
+    d = next(c for c in CLAIMS if c.key == "d")
+    stats = {"A_mapo": {"adoption": (0.60, 0.03)}, "A_dpo": {"adoption": (0.40, 0.04)}}
+    assert verdict(d, stats)[0] == "reproduced"
+    assert "difference +0.200, one std 0.035" in verdict(d, stats)[1]
+    stats["A_mapo"] = {"adoption": (0.40, 0.03)}
+    stats["A_dpo"] = {"adoption": (0.45, 0.04)}
+    assert verdict(d, stats)[0] == "not reproduced"
+    stats["A_mapo"] = {"adoption": (0.42, 0.03)}
+    stats["A_dpo"] = {"adoption": (0.40, 0.04)}
+    assert verdict(d, stats)[0] == "inconclusive"
+    c = next(c for c in CLAIMS if c.key == "c")
+    fid = {
+        "B_dpo_ref_delta": {"color": (0.9, 0.0), "shape": (0.8, 0.0)},
+        "B_dpo_ref_inf": {"color": (0.5, 0.0), "shape": (0.5, 0.0)},
+    }
+    assert verdict(c, fid)[0] == "reproduced"
+    assert verdict(c, {})[0] == "not run"
 
 
 def test_results_table_rows_by_hand():
-    """Base adoption 0.25 and DPO 0.625: ratio 0.625 / 0.25 = 2.50; only trained methods get a row, in METHODS
-    order; the wall time is rounded to whole seconds."""
-    trained = {"dpo": {"seconds": 81.6, "steps": 150, "beta": 1000.0, "lr": 5e-5}}
-    table = results_table(_summary(0.25, 0.625, 0.75), trained)
+    """The base row first, then one row per method with stats, ``mean ± std`` to 3 digits (KL to 4)."""
+    methods = select_methods(("A_dpo",))
+    stats = {"A_dpo": aggregate([_row(0.5, kl=0.01), _row(0.7, kl=0.03)])}
+    table = results_table(methods, stats, _row(0.25, 0.95, 0.9, 0.0, math.nan), {"A_dpo": "sweep"})
     lines = table.splitlines()
-    assert lines[0].startswith("| method | style adoption rate | × base | win rate vs base")
-    assert lines[2] == "| base (no preference training) | 0.250 | 1.00 | – | – | – | – |"
+    assert lines[2] == "| – | base (no preference training) | 0.250 | – | 0.950 | 0.900 | 0 | – |"
     assert lines[3] == (
-        "| Diffusion-DPO (frozen reference) | 0.625 | 2.50 | 0.750 (0.750 ± 0.100) | 82 s | 150 | 1000, 5e-05 |"
+        "| A: Pick-Style (reference mismatch) | Diffusion-DPO | 0.600 ± 0.100 | 0.500 ± 0.000 | 0.900 ± 0.000 "
+        "| 0.900 ± 0.000 | 0.0200 ± 0.0100 | sweep |"
     )
     assert len(lines) == 4
+
+
+def test_methods_cover_both_settings_and_unknown_names_fail():
+    """Setting B: 7 methods (SFT, DPO, TA only, δ = ∞, δ, Rethinking, MaPO); setting A: SFT, DPO, MaPO."""
+    assert [m.name for m in METHODS] == [
+        "B_sft",
+        "B_dpo",
+        "B_dpo_ta",
+        "B_dpo_ref_inf",
+        "B_dpo_ref_delta",
+        "B_rethinking",
+        "B_mapo",
+        "A_sft",
+        "A_dpo",
+        "A_mapo",
+    ]
+    assert set(QUICK_METHODS) <= {m.name for m in METHODS}
+    ta = next(m for m in METHODS if m.name == "B_dpo_ta").overrides
+    assert "loss.timestep_weight=inv_sqrt_snr" in ta and "timesteps.sampling=gamma" in ta
+    with pytest.raises(ValueError, match="valid: B_sft, B_dpo"):
+        select_methods(("B_ppo",))
+
+
+def test_sweep_choice_by_hand():
+    """Base fidelity (0.9 + 0.9) / 2 = 0.9, floor 0.9 x 0.9 = 0.81. Candidate 1: adoption 0.7 but fidelity 0.6
+    (excluded); 2: 0.5 at 0.85; 3: 0.4 at 0.9 -> 2. If none clears the floor, the most faithful one."""
+    base = _row(0.25)
+    c1, c2, c3 = _row(0.7, 0.6, 0.6), _row(0.5, 0.85, 0.85), _row(0.4)
+    assert choose([c1, c2, c3], base) is c2
+    assert choose([c1, _row(0.9, 0.7, 0.7)], base)["color"] == 0.7
 
 
 def test_update_readme_replaces_only_the_marked_section(tmp_path):
@@ -51,20 +123,41 @@ def test_update_readme_replaces_only_the_marked_section(tmp_path):
     assert new.startswith("# title\n\nintro\n") and new.endswith("## after\nkept\n")
 
 
-def test_demo_evaluates_its_export_on_the_heldout_prompts(tmp_path):
-    """The demo's eval: the trained export named ``trained`` vs the base, the outline scorer present once,
-    and the 8 held-out prompts of the testbed written to ``<workdir>/eval_prompts.txt``."""
-    cfg = load_config("configs/demo.yaml", [f"run.workdir={tmp_path}"])
-    ev = evaluation_config(cfg, "/x/export/transformer")
-    assert ev.eval.models == ["trained=/x/export/transformer"]
-    assert [s["name"] for s in ev.eval.scorers].count("outline_style") == 1
-    assert (tmp_path / "eval_prompts.txt").read_text().splitlines() == heldout_prompts()
-    assert ev.eval.prompts == str(tmp_path / "eval_prompts.txt")
-
-
 def test_update_readme_drops_the_results_title(tmp_path):
     """``results.md`` starts with its own ``# `` title; inside the README section it would be a second H1."""
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n{README_START}\nold\n{README_END}\n")
     update_readme("# Toy alignment testbed results\n\nline\n", readme)
     assert readme.read_text() == f"# title\n{README_START}\nline\n{README_END}\n"
+
+
+def test_demo_evaluates_its_export_on_the_heldout_prompts(tmp_path):
+    """The demo's eval: the trained export named ``trained`` vs the base, the outline and both fidelity scorers
+    present once each, and the 8 held-out prompts of the testbed written to ``<workdir>/eval_prompts.txt``."""
+    cfg = load_config("configs/demo.yaml", [f"run.workdir={tmp_path}"])
+    ev = evaluation_config(cfg, "/x/export/transformer")
+    assert ev.eval.models == ["trained=/x/export/transformer"]
+    names = [s["name"] for s in ev.eval.scorers]
+    assert {n: names.count(n) for n in ("outline_style", "color_accuracy", "shape_accuracy")} == {
+        "outline_style": 1,
+        "color_accuracy": 1,
+        "shape_accuracy": 1,
+    }
+    assert (tmp_path / "eval_prompts.txt").read_text().splitlines() == heldout_prompts()
+    assert ev.eval.prompts == str(tmp_path / "eval_prompts.txt")
+
+
+def test_demo_last_lines_show_adoption_and_fidelity_before_and_after():
+    summary = {
+        "adoption_rate_before": 0.25,
+        "adoption_rate_after": 0.5,
+        "fidelity": {
+            "color_accuracy": {"before": 0.95, "after": 0.9},
+            "shape_accuracy": {"before": 0.9, "after": 0.875},
+        },
+    }
+    assert outcome_lines(summary) == [
+        "style adoption rate (held-out prompts without the style word): base 0.250 -> trained 0.500",
+        "fidelity, color accuracy (same samples): base 0.950 -> trained 0.900",
+        "fidelity, shape accuracy (same samples): base 0.900 -> trained 0.875",
+    ]

@@ -20,12 +20,14 @@ from pipelines.toy_prompts import (
     ALL_COMBOS,
     HELDOUT_COMBOS,
     TRAIN_COMBOS,
+    VALIDATION_COMBOS,
     ToyWorldSpec,
     heldout_prompts,
     prompt_color,
     sample_dataset,
     style_prompt,
     train_prompts,
+    validation_prompts,
 )
 from pipelines.toy_sampling import SamplerSettings, generate, load_base, measure_base, style_rate
 from pipelines.toy_world import SHAPES, TOY_COLORS, draw_toy_image, plain_prompt
@@ -51,9 +53,12 @@ def test_captions_and_holdouts_by_hand():
         "a cyan circle",
         "a pink square",
     ]
-    assert train_prompts()[:2] == ["a red square", "a red triangle"]
-    assert len(TRAIN_COMBOS) == 16 and not set(TRAIN_COMBOS) & set(HELDOUT_COMBOS)
-    assert set(TRAIN_COMBOS) | set(HELDOUT_COMBOS) == set(ALL_COMBOS) and len(ALL_COMBOS) == 24
+    # validation: colour i, shape (i + 1) mod 3 for red, green, blue, yellow
+    assert validation_prompts() == ["a red square", "a green triangle", "a blue circle", "a yellow square"]
+    assert train_prompts()[:3] == ["a red triangle", "a green circle", "a blue square"]
+    assert len(TRAIN_COMBOS) == 12 and not set(TRAIN_COMBOS) & (set(HELDOUT_COMBOS) | set(VALIDATION_COMBOS))
+    assert set(TRAIN_COMBOS) | set(HELDOUT_COMBOS) | set(VALIDATION_COMBOS) == set(ALL_COMBOS)
+    assert len(ALL_COMBOS) == 24
     # every colour and every shape also occurs among the preference-training prompts
     assert {c for c, _ in TRAIN_COMBOS} == set(TOY_COLORS)
     assert {s for _, s in TRAIN_COMBOS} == set(SHAPES)
@@ -105,7 +110,7 @@ def test_training_distribution_follows_the_spec():
 
 def test_strict_holdout_variant_never_shows_heldout_combinations():
     data = sample_dataset(500, ToyWorldSpec(include_heldout=False), seed=1)
-    assert {(e.color, e.shape) for e in data} == set(TRAIN_COMBOS)  # neither plain nor styled
+    assert {(e.color, e.shape) for e in data} == set(ALL_COMBOS) - set(HELDOUT_COMBOS)  # neither plain nor styled
 
 
 # ------------------------------------------------------------------------------------------------ colour check

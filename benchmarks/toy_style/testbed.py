@@ -1,19 +1,22 @@
-"""The toy alignment testbed: does preference training move a model toward the preferred style?
+"""The toy alignment testbed: do the seed papers' claims about preference training hold in miniature?
 
-    python -m benchmarks.toy_style [--workdir DIR] [--quick]
+    python -m benchmarks.toy_style [--workdir DIR] [--quick] [--methods B_dpo A_mapo ...] [--base-only]
 
-1. build (or reuse) the toy base: a tiny VAE + SD3 trained on the toy world, which outlines ("cartoon" style)
-   about a quarter of its samples when the prompt does not ask for it (:mod:`pipelines.toy_base`);
-2. ``prefopt regenerate`` a MaPO-style Pick-Style dataset from that base: chosen = the prompt with the style
-   phrase, rejected = the plain prompt, same seed (the ``custom`` preset with the toy style template);
-3. ``prefopt cache`` it; 4. ``prefopt train`` each method below from the same cache;
-5. ``prefopt eval`` every export against the base on held-out prompts x fixed seeds, scored by the
-   deterministic outline detector: **style adoption rate** (samples with the style, plain prompts) and the
-   per-seed win rate against the base;
-6. write ``benchmarks/toy_style/results.md`` and the README's results section (between its markers).
+1. the shipped toy base (``pipelines/assets/toy_base``, hash-checked): a tiny SD3 that draws the coloured shape a
+   prompt names and outlines ("cartoon" style) about a quarter of its plain-prompt samples;
+2. ``prefopt regenerate`` the two preference settings from the base on the training prompts
+   (:mod:`benchmarks.toy_style.methods`): A, Pick-Style (reference mismatch) and B, Pick-a-Pic-like (two seeds
+   of a plain prompt, outline-scored, 10 % of labels flipped, ties); 3. ``prefopt cache`` each;
+4. ``prefopt train`` every method of every setting with every training seed, the same budget each, with the
+   hyperparameters of the committed sweep (:mod:`benchmarks.toy_style.sweep`);
+5. ``prefopt eval`` every export against the base on the held-out prompts x fixed seeds: style adoption, win
+   rate vs the base (outline detector), colour and shape accuracy (fidelity), and ``kl/policy_init`` from training;
+6. mean ± std over training seeds, verdicts on claims (a)-(d) (:mod:`benchmarks.toy_style.report`), a figure
+   (adoption vs fidelity) and a sample grid (base and every method, same prompts and seeds), written to
+   ``benchmarks/toy_style/`` and the README (full runs) and logged as MLflow artifacts of the eval run.
 
-Everything goes through the same functions the ``prefopt`` commands run (Ray Data, Ray Train + DeepSpeed,
-MLflow in ``<workdir>/mlflow.db``).
+Everything goes through the functions the ``prefopt`` commands run (Ray Data, Ray Train + DeepSpeed, MLflow in
+``<workdir>/mlflow.db``), in one Ray session.
 """
 
 from __future__ import annotations
@@ -24,14 +27,24 @@ import logging
 import os
 import platform
 import re
+import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.toy_base import build_toy_base
+from benchmarks.toy_style import runs
+from benchmarks.toy_style.figures import adoption_vs_fidelity
+from benchmarks.toy_style.methods import (
+    QUICK_METHODS,
+    SETTING_LABELS,
+    Budget,
+    Method,
+    hyperparameters,
+    select_methods,
+)
+from benchmarks.toy_style.report import aggregate, model_metrics, results_table, verdict_lines
+from pipelines.toy_base_asset import shipped_base
 from pipelines.toy_prompts import STYLE_TEMPLATE, heldout_prompts, train_prompts
 from pipelines.toy_sampling import EVAL_SETTINGS, measure_base
-from prefopt_core.config import RunConfig, load_config
 
 logger = logging.getLogger("benchmarks.toy_style")
 
@@ -40,169 +53,76 @@ REPO = HERE.parents[1]
 DEFAULT_WORKDIR = HERE / "_work"
 README_START = "<!-- toy-style:start -->"
 README_END = "<!-- toy-style:end -->"
+FIGURE = "adoption_vs_fidelity.png"
+GRID = "samples.png"
 
 
-@dataclass(frozen=True)
-class Method:
-    """One row of the table: a name and the config overrides that define it."""
-
-    name: str
-    label: str
-    overrides: tuple[str, ...]
-
-
-METHODS: tuple[Method, ...] = (
-    Method("dpo", "Diffusion-DPO (frozen reference)", ("loss.name=dpo", "reference.strategy=frozen")),
-    Method(
-        "dpo_refupdate_ta",
-        "DPO + periodic reference + timestep-aware (γ, λ(t))",
-        # delta from the divergence curve: a frozen-reference DPO run ends at D(policy‖init) ~ 0.2; with
-        # periodic updates D reaches 0.1 by step 50 and the run collapses without a monitor (delta=inf:
-        # adoption 0.0, chosen error 0.37 -> 2.4); delta 0.3 -> 0.17, delta 0.05 -> 0.68 (one update, then frozen)
-        ("loss.name=dpo", "reference.strategy=periodic", "reference.tau=25", "reference.delta=0.05",
-         "timesteps.sampling=gamma",
-         "timesteps.bins=10", "loss.timestep_weight=inv_sqrt_snr"),
-    ),
-    Method("mapo", "MaPO (reference-free)", ("loss.name=mapo", "reference.strategy=none")),
-    Method("sft", "SFT on chosen images", ("loss.name=sft", "reference.strategy=none")),
-)
+def train_all(workdir: Path, base_dir: Path, methods: tuple[Method, ...], budget: Budget) -> dict[str, dict]:
+    """Every method x training seed; keys ``<method>_s<seed>``."""
+    trained = {}
+    for method in methods:
+        hp, _ = hyperparameters(method)
+        for seed in budget.train_seeds:
+            logger.info(
+                "testbed: training %s (seed %d, lr %g, beta %s)", method.name, seed, hp["lr"], hp["beta"]
+            )
+            trained[f"{method.name}_s{seed}"] = runs.train(
+                workdir, base_dir, method, seed, budget, hparams=hp
+            )
+    return trained
 
 
-@dataclass
-class Budget:
-    """Sizes of a testbed run (``--quick`` shrinks them)."""
-
-    pairs_per_prompt: int = 8
-    max_steps: int = 150
-    eval_seeds: int = 32
-    # Diffusion-DPO is the touchy one (measured on this testbed's base, 150 steps, held-out adoption, base
-    # 0.26): beta 1000 / lr 5e-5 -> 0.63, beta 500 / 3e-5 -> 0.59, beta 2000 / 5e-5 -> 0.45, beta 5000 / 2e-5
-    # -> 0.38, but beta 1000 / 1e-4 -> 0.26: the margin grows by raising the rejected *and* the chosen
-    # error (mse/policy_w 0.37 -> 0.90), the likelihood displacement MaPO's margin-aware loss avoids
-    loss_betas: dict[str, float] = field(default_factory=lambda: {"dpo": 1000.0, "mapo": 0.1, "sft": 0.0})
-    lrs: dict[str, float] = field(default_factory=lambda: {"dpo": 5e-5, "mapo": 2e-4, "sft": 2e-4})
-
-    @classmethod
-    def quick(cls) -> Budget:
-        return cls(pairs_per_prompt=2, max_steps=20, eval_seeds=4)
+def summarise(methods: tuple[Method, ...], budget: Budget, ev: dict, trained: dict[str, dict]):
+    """``(base row, {method: {metric: (mean, std)}})`` from the eval metrics and the training summaries."""
+    metrics = ev["metrics"]
+    base = model_metrics(metrics, "base")
+    stats = {}
+    for m in methods:
+        rows = [
+            model_metrics(metrics, f"{m.name}_s{s}", trained[f"{m.name}_s{s}"]["final"])
+            for s in budget.train_seeds
+        ]
+        stats[m.name] = aggregate(rows)
+    return base, stats
 
 
-def _config(workdir: Path, name: str, base_dir: Path, *overrides: str) -> RunConfig:
-    return load_config(REPO / "configs" / "demo.yaml", [
-        f"run.workdir={workdir / name}", f"run.name={name}", f"model.pretrained={base_dir}",
-        f"model.max_sequence_length={EVAL_SETTINGS.max_sequence_length}", "model.resolution=32",
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}", "tracking.experiment=toy-style",
-        *overrides,
-    ])
-
-
-def _write_prompts(path: Path, prompts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(prompts) + "\n")
-    return path
-
-
-def regenerate_pick_style(workdir: Path, base_dir: Path, budget: Budget) -> dict:
-    """The toy Pick-Style dataset: chosen from "cartoon style. {prompt}", rejected from "{prompt}"."""
-    from ray_jobs.regenerate import run_regenerate
-
-    prompts = _write_prompts(workdir / "prompts" / "train.txt", train_prompts())
-    cfg = _config(workdir, "regenerate", base_dir, "regenerate.preset=custom",
-                  f"regenerate.chosen_template='{STYLE_TEMPLATE}'", "regenerate.rejected_template='{prompt}'",
-                  f"regenerate.prompts={prompts}", f"regenerate.pairs_per_prompt={budget.pairs_per_prompt}",
-                  f"regenerate.output_dir={workdir / 'pick_style'}",
-                  f"regenerate.num_inference_steps={EVAL_SETTINGS.num_inference_steps}",
-                  f"regenerate.guidance_scale={EVAL_SETTINGS.guidance_scale}", "regenerate.batch_size=16",
-                  "regenerate.rows_per_shard=64")
-    return run_regenerate(cfg)
-
-
-def cache_pairs(workdir: Path, base_dir: Path) -> dict:
-    from ray_jobs.cache import run_cache
-
-    cfg = _config(workdir, "cache", base_dir, f"data.source={workdir / 'pick_style'}",
-                  f"cache.dir={workdir / 'cache'}", "cache.rows_per_shard=64", "cache.batch_size=32")
-    return run_cache(cfg)
-
-
-def train_method(workdir: Path, base_dir: Path, method: Method, budget: Budget) -> dict:
-    from ray_jobs.training.driver import run_training
-
-    loss = next(o.split("=", 1)[1] for o in method.overrides if o.startswith("loss.name="))
-    cfg = _config(workdir, method.name, base_dir, f"cache.dir={workdir / 'cache'}",
-                  f"loss.beta={budget.loss_betas[loss]}" if budget.loss_betas[loss] else "loss.beta=null",
-                  f"train.lr={budget.lrs[loss]}", f"train.max_steps={budget.max_steps}", "train.batch_size=4",
-                  "train.num_workers=2", "train.zero_stage=2", "train.eval_every=25", "train.sample_prompts=4",
-                  f"train.sample_steps={EVAL_SETTINGS.num_inference_steps}", "train.warmup_steps=10",
-                  *method.overrides)  # last: a method's own settings win over the budget's per-loss ones
-    t0 = time.perf_counter()
-    summary = run_training(cfg)
-    return {"seconds": time.perf_counter() - t0, "export": summary.export_dir, "steps": budget.max_steps,
-            "beta": cfg.loss.beta, "lr": cfg.train.lr, "final": summary.final_metrics,
-            "run_id": summary.mlflow_run_id}
-
-
-def evaluate(workdir: Path, base_dir: Path, exports: dict[str, str], budget: Budget) -> dict:
-    from ray_jobs.evaluate import run_eval
-
-    prompts = _write_prompts(workdir / "prompts" / "heldout.txt", heldout_prompts())
-    models = ",".join(f"{name}={path}" for name, path in exports.items())
-    cfg = _config(workdir, "eval", base_dir, f"eval.prompts={prompts}", f"eval.models=[{models}]",
-                  f"eval.seeds={list(range(budget.eval_seeds))}", "eval.scorers=[{name: outline_style}]",
-                  f"eval.num_inference_steps={EVAL_SETTINGS.num_inference_steps}",
-                  f"eval.guidance_scale={EVAL_SETTINGS.guidance_scale}", "eval.batch_size=8")
-    return run_eval(cfg)
-
-
-def results_table(summary: dict, trained: dict[str, dict]) -> str:
-    """The markdown table (method, adoption rate, win rate vs base, wall time, steps)."""
-    metrics = summary["metrics"]
-    base_rate = metrics["eval/base/outline_style/adoption_rate"]
-    rows = [
-        "| method | style adoption rate | × base | win rate vs base (per-seed mean ± std) | train wall time | steps "
-        "| β, lr |",
-        "|---|---|---|---|---|---|---|",
-        f"| base (no preference training) | {base_rate:.3f} | 1.00 | – | – | – | – |",
-    ]
-    for method in METHODS:
-        if method.name not in trained:
-            continue
-        prefix = f"eval/{method.name}/outline_style"
-        rate = metrics[f"{prefix}/adoption_rate"]
-        ratio = rate / base_rate if base_rate else float("inf")
-        win = metrics[f"{prefix}/win_rate"]
-        seed_mean, seed_std = metrics[f"{prefix}/win_rate_seed_mean"], metrics[f"{prefix}/win_rate_seed_std"]
-        t = trained[method.name]
-        rows.append(f"| {method.label} | {rate:.3f} | {ratio:.2f} | {win:.3f} ({seed_mean:.3f} ± {seed_std:.3f}) "
-                    f"| {t['seconds']:.0f} s | {t['steps']} | {_fmt_beta(t.get('beta'))}, {t.get('lr', 0):g} |")
-    return "\n".join(rows)
-
-
-def _fmt_beta(beta: float | None) -> str:
-    return "–" if beta is None else f"{beta:g}"
-
-
-def write_results(table: str, info: dict, out: Path) -> str:
-    text = "\n".join([
-        "# Toy alignment testbed results",
-        "",
-        f"Produced by `python -m benchmarks.toy_style{' --quick' if info['quick'] else ''}` on {info['date']} "
-        f"({info['machine']}); total wall time {info['total_s'] / 60:.1f} min.",
-        "",
-        f"Base: tiny SD3 (VAE + transformer) trained on the toy world in {info['base_s']:.0f} s "
-        f"(reused: {info['base_reused']}). Preference data: {info['num_pairs']} Pick-Style pairs regenerated "
-        f"from the base ({info['pairs_per_prompt']} seeds x {len(train_prompts())} training prompts; chosen = "
-        f"`{STYLE_TEMPLATE}`, rejected = `{{prompt}}`). Evaluation: {len(heldout_prompts())} held-out prompts "
-        f"(colour x shape combinations not in the preference data, no style word) x {info['eval_seeds']} seeds, "
-        f"{EVAL_SETTINGS.num_inference_steps} sampling steps, guidance {EVAL_SETTINGS.guidance_scale}; "
-        "adoption = fraction of samples the outline detector flags; win = the sample's outline score beats the "
-        "base's on the same prompt and seed (ties 0.5). Training: 2 Ray Train workers, DeepSpeed ZeRO-2, "
-        f"4 pairs per worker per step, {info['max_steps']} steps.",
-        "",
-        table,
-        "",
-    ])
-    out.write_text(text)
+def results_text(text_parts: dict, pictures_prefix: str = "") -> str:
+    """The results markdown: how it was run, the table, the verdicts, the pictures (linked as
+    ``<pictures_prefix><file>``: relative to ``results.md``, or to the repository root for the README)."""
+    info = text_parts["info"]
+    text = "\n".join(
+        [
+            "# Toy alignment testbed results",
+            "",
+            f"Produced by `python -m benchmarks.toy_style{' --quick' if info['quick'] else ''}` on {info['date']} "
+            f"({info['machine']}); total wall time {info['total_s'] / 60:.1f} min.",
+            "",
+            "Base: the shipped toy base (`pipelines/assets/toy_base`, rebuilt by `python -m pipelines.toy_base build`). "
+            f"Preference data, from the base on {len(train_prompts())} training prompts: "
+            f"A = {SETTING_LABELS['A']}, {info['pairs'].get('A', 0)} pairs (chosen from `{STYLE_TEMPLATE}`, rejected "
+            f"from `{{prompt}}`, same seed); B = {SETTING_LABELS['B']}, {info['pairs'].get('B', 0)} pairs kept by the "
+            "cache (preset `pick-a-pic-like`: two seeds of the plain prompt, the more outlined preferred, one label in "
+            "ten flipped, ties dropped). Every method: "
+            f"{info['max_steps']} steps x {info['pairs_per_step']} pairs (2 Ray Train workers, ZeRO-2), training seeds "
+            f"{list(info['train_seeds'])}; lr and β from `benchmarks/toy_style/sweep.json` (sweep on validation "
+            "prompts) where the last column says `sweep`. Evaluation: "
+            f"{len(heldout_prompts())} held-out prompts (no style word) x {info['eval_seeds']} seeds, "
+            f"{EVAL_SETTINGS.num_inference_steps} steps, guidance {EVAL_SETTINGS.guidance_scale}. Cells: mean ± std "
+            "over training seeds.",
+            "",
+            text_parts["table"],
+            "",
+            "Verdicts (reproduced / not reproduced / inconclusive = the difference is within one std over seeds):",
+            "",
+            *text_parts["verdicts"],
+            "",
+            f"![adoption vs fidelity]({pictures_prefix}{FIGURE})",
+            "",
+            f"Samples (rows: held-out prompts x seeds; columns: the base, then every method's seed-0 run): "
+            f"![samples]({pictures_prefix}{GRID})",
+            "",
+        ]
+    )
     return text
 
 
@@ -212,85 +132,131 @@ def update_readme(text: str, readme: Path = REPO / "README.md") -> None:
     body = "\n".join(line for line in text.strip().splitlines() if not line.startswith("# ")).strip()
     block = f"{README_START}\n{body}\n{README_END}"
     if README_START in content:
-        content = re.sub(re.escape(README_START) + r".*?" + re.escape(README_END), lambda _: block, content,
-                         flags=re.S)
+        content = re.sub(
+            re.escape(README_START) + r".*?" + re.escape(README_END), lambda _: block, content, flags=re.S
+        )
     else:
         content = content.rstrip() + "\n\n## Does it align? The toy testbed\n\n" + block + "\n"
     readme.write_text(content)
 
 
-def run_testbed(workdir: Path, *, seed: int = 0, quick: bool = False, rebuild: bool = False,
-                methods: tuple[str, ...] | None = None, write_readme: bool = True) -> dict:
+def pictures(workdir: Path, base_dir: Path, methods, budget, stats, base, trained, ev, out_dir: Path) -> dict:
+    """The figure and the sample grid under ``out_dir``, both logged as artifacts of the eval run."""
+    from ray_jobs import tracking
+
+    figure = adoption_vs_fidelity(methods, stats, base, out_dir / FIGURE)
+    seed0 = {m.name: trained[f"{m.name}_s{budget.train_seeds[0]}"]["export"] for m in methods}
+    grid_eval = runs.evaluate(workdir, base_dir, seed0, heldout_prompts()[:4], 2, name="grid")
+    grid = out_dir / GRID
+    shutil.copyfile(grid_eval["grid"], grid)
+    uri = runs.run_config(workdir, "eval", base_dir).tracking.uri
+    for path in (figure, grid):
+        tracking.log_artifact(uri, ev["mlflow_run_id"], path, "testbed")
+    return {"figure": str(figure), "grid": str(grid)}
+
+
+def run_testbed(
+    workdir: Path, *, quick: bool = False, methods: tuple[str, ...] | None = None, write_readme: bool = True
+) -> dict:
     from ray_jobs.cluster import ensure_ray
 
     budget = Budget.quick() if quick else Budget()
+    chosen = select_methods(methods or (QUICK_METHODS if quick else None))
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    base_reused = (workdir / "base" / "model_index.json").exists() and not rebuild
-    base_dir = build_toy_base(workdir / "base", seed=seed, overwrite=rebuild)
-    base_s = json.loads((base_dir / "toy_base.json").read_text())["timings"]["total_s"]
-    ensure_ray(_config(workdir, "ray", base_dir))
-    regen = regenerate_pick_style(workdir, base_dir, budget)
-    cache = cache_pairs(workdir, base_dir)
-    trained = {}
-    for method in METHODS:
-        if methods and method.name not in methods:
-            continue
-        trained[method.name] = train_method(workdir, base_dir, method, budget)
-    summary = evaluate(workdir, base_dir, {k: v["export"] for k, v in trained.items()}, budget)
-    table = results_table(summary, trained)
+    base_dir = shipped_base()
+    ensure_ray(runs.run_config(workdir, "ray", base_dir))
+    data = {}
+    for setting in sorted({m.setting for m in chosen}):
+        data[setting] = {
+            "regenerate": runs.regenerate(workdir, base_dir, setting, budget),
+            "cache": runs.cache(workdir, base_dir, setting),
+        }
+    trained = train_all(workdir, base_dir, chosen, budget)
+    ev = runs.evaluate(
+        workdir, base_dir, {k: v["export"] for k, v in trained.items()}, heldout_prompts(), budget.eval_seeds
+    )
+    base, stats = summarise(chosen, budget, ev, trained)
+    full = not quick and methods is None
+    out_dir = HERE if full else workdir
+    pics = pictures(workdir, base_dir, chosen, budget, stats, base, trained, ev, out_dir)
     info = {
-        "quick": quick, "date": time.strftime("%Y-%m-%d"), "total_s": time.perf_counter() - t0,
+        "quick": quick,
+        "date": time.strftime("%Y-%m-%d"),
+        "total_s": time.perf_counter() - t0,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "base_s": base_s, "base_reused": base_reused, "num_pairs": cache["num_pairs"],
-        "pairs_per_prompt": budget.pairs_per_prompt, "eval_seeds": budget.eval_seeds,
+        "pairs": {s: d["cache"]["num_pairs"] for s, d in data.items()},
         "max_steps": budget.max_steps,
+        "pairs_per_step": budget.pairs_per_step,
+        "train_seeds": budget.train_seeds,
+        "eval_seeds": budget.eval_seeds,
     }
-    text = write_results(table, info, HERE / "results.md")
-    if write_readme and not quick:
-        update_readme(text)
+    sources = {m.name: hyperparameters(m)[1] for m in chosen}
+    parts = {
+        "info": info,
+        "table": results_table(chosen, stats, base, sources),
+        "verdicts": verdict_lines(stats),
+    }
+    text = results_text(parts)
+    (out_dir / "results.md").write_text(text)
+    if write_readme and full:
+        update_readme(results_text(parts, "benchmarks/toy_style/"))
     print(text, flush=True)  # the benchmark's report
-    out = {"table": table, "info": info, "regenerate": regen, "cache": cache, "trained": trained,
-           "eval": summary}
+    out = {
+        **parts,
+        "base": base,
+        "stats": stats,
+        "data": data,
+        "trained": trained,
+        "pictures": pics,
+        "eval_run_id": ev["mlflow_run_id"],
+    }
     (workdir / "testbed_summary.json").write_text(json.dumps(out, indent=1, default=str))
     return out
 
 
-def base_only(workdir: Path, *, seed: int = 0, rebuild: bool = False) -> dict[str, float]:
-    """Build (or reuse) the base and measure it on the held-out prompts x 32 seeds (plain and style prompts);
+def base_only(workdir: Path) -> dict[str, float]:
+    """Measure the shipped base on the held-out prompts x 32 seeds (plain and style prompts): the quality bar;
     writes ``<workdir>/base_metrics.json`` and a contact sheet ``<workdir>/base_samples.png``."""
     t0 = time.perf_counter()
-    base_dir = build_toy_base(workdir / "base", seed=seed, overwrite=rebuild)
-    metrics = measure_base(base_dir, sheet_path=workdir / "base_samples.png")
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics = measure_base(shipped_base(), sheet_path=workdir / "base_samples.png")
     metrics["wall_s"] = time.perf_counter() - t0
     logger.info(
-        "base %s: plain-prompt style rate %.3f (target 0.15-0.35), style-prompt rate %.3f, colour accuracy "
-        "%.3f / %.3f, shape accuracy %.3f / %.3f", base_dir, metrics["plain_style_rate"],
-        metrics["style_style_rate"], metrics["plain_color_acc"], metrics["style_color_acc"],
-        metrics["plain_shape_acc"], metrics["style_shape_acc"],
+        "shipped base: plain-prompt style rate %.3f (target 0.15-0.35), style-prompt rate %.3f, colour accuracy "
+        "%.3f (target >= 0.90), shape accuracy %.3f (target >= 0.85)",
+        metrics["plain_style_rate"],
+        metrics["style_style_rate"],
+        metrics["plain_color_acc"],
+        metrics["plain_shape_acc"],
     )
     (workdir / "base_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.toy_style", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.toy_style", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a small, fast run (does not touch README.md)")
-    parser.add_argument("--rebuild", action="store_true", help="retrain the base even if it exists")
-    parser.add_argument("--methods", nargs="*", help=f"subset of {[m.name for m in METHODS]}")
     parser.add_argument(
-        "--base-only",
+        "--quick",
         action="store_true",
-        help="only build (or reuse) the base and write its style rates to <workdir>/base_metrics.json",
+        help=f"one training seed of {', '.join(QUICK_METHODS)}, small budget (README untouched)",
+    )
+    parser.add_argument("--methods", nargs="*", help="subset of the methods (README untouched)")
+    parser.add_argument(
+        "--base-only", action="store_true", help="only measure the shipped base (<workdir>/base_metrics.json)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.base_only:
-        return base_only(args.workdir, seed=args.seed, rebuild=args.rebuild)
-    return run_testbed(args.workdir, seed=args.seed, quick=args.quick, rebuild=args.rebuild,
-                       methods=tuple(args.methods) if args.methods else None)
+        return base_only(args.workdir)
+    try:
+        select_methods(tuple(args.methods) if args.methods else None)
+    except ValueError as err:
+        parser.exit(2, f"{err}\n")
+    return run_testbed(args.workdir, quick=args.quick, methods=tuple(args.methods) if args.methods else None)
 
 
-__all__ = ["METHODS", "main", "measure_base", "run_testbed"]
+__all__ = ["main", "measure_base", "run_testbed"]

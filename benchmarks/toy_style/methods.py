@@ -1,0 +1,151 @@
+"""The testbed's methods, its two preference settings and the hyperparameters every run uses.
+
+Settings (how the preference pairs are made; both through ``prefopt regenerate``):
+
+- **A, Pick-Style** (MaPO's reference-mismatch setting): chosen = the base's sample of the prompt with the style
+  phrase, rejected = its sample of the plain prompt, same seed (``custom`` preset, ``pipelines.toy_prompts``);
+- **B, Pick-a-Pic-like** (Diffusion-DPO's and Rethinking-DPO's setting): two samples of the base for the same
+  plain prompt from two seeds, labelled by the outline scorer, one label in ten flipped, near-equal pairs ties
+  (``pick-a-pic-like`` preset; the cache drops the ties).
+
+Every method trains with the same budget (``Budget``: optimizer steps x pairs per step); its learning rate
+and β come from the committed sweep (``SWEEP_FILE``, written by ``python -m benchmarks.toy_style.sweep``) and
+fall back to ``DEFAULT_HPARAMS`` for a method the sweep has not covered (the report says which).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+HERE = Path(__file__).resolve().parent
+#: The sweep's result: ``{"<setting>/<method>": {"lr": ..., "beta": ...}, ...}`` plus the sweep's table.
+SWEEP_FILE = HERE / "sweep.json"
+
+Setting = Literal["A", "B"]
+SETTING_LABELS: dict[str, str] = {
+    "A": "Pick-Style (reference mismatch)",
+    "B": "Pick-a-Pic-like (noisy, in-distribution)",
+}
+
+_TA = ("timesteps.sampling=gamma", "timesteps.bins=10", "loss.timestep_weight=inv_sqrt_snr")
+_PERIODIC = ("reference.strategy=periodic", "reference.tau=25")
+#: The divergence limit δ of the bounded periodic reference (``kl/policy_init`` units; see
+#: ``prefopt_core.reference``: D of a frozen-reference DPO run of this budget ends near 0.2).
+DELTA = 0.1
+
+
+@dataclass(frozen=True)
+class Method:
+    """One table row: name (``<setting>/<key>`` in results), label, loss and the overrides that define it."""
+
+    key: str
+    label: str
+    setting: Setting
+    loss: str
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}_{self.key}"
+
+
+def _methods(setting: Setting) -> tuple[Method, ...]:
+    sft = Method("sft", "SFT on chosen images", setting, "sft", ("loss.name=sft", "reference.strategy=none"))
+    dpo = Method("dpo", "Diffusion-DPO", setting, "dpo", ("loss.name=dpo", "reference.strategy=frozen"))
+    mapo = Method("mapo", "MaPO", setting, "mapo", ("loss.name=mapo", "reference.strategy=none"))
+    if setting == "A":
+        return (sft, dpo, mapo)
+    return (
+        sft,
+        dpo,
+        Method(
+            "dpo_ta",
+            "DPO + timestep-aware only",
+            setting,
+            "dpo",
+            ("loss.name=dpo", "reference.strategy=frozen", *_TA),
+        ),
+        Method(
+            "dpo_ref_inf",
+            "DPO + periodic reference, δ = ∞",
+            setting,
+            "dpo",
+            ("loss.name=dpo", *_PERIODIC, "reference.delta=inf"),
+        ),
+        Method(
+            "dpo_ref_delta",
+            f"DPO + periodic reference, δ = {DELTA}",
+            setting,
+            "dpo",
+            ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}"),
+        ),
+        Method(
+            "rethinking",
+            f"Rethinking DPO (periodic reference, δ = {DELTA}, timestep-aware)",
+            setting,
+            "dpo",
+            ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}", *_TA),
+        ),
+        mapo,
+    )
+
+
+METHODS: tuple[Method, ...] = (*_methods("B"), *_methods("A"))
+#: ``--quick``: one seed of the methods the claims need most.
+QUICK_METHODS: tuple[str, ...] = ("B_dpo", "B_rethinking", "A_dpo", "A_mapo")
+
+#: Learning rate and β per loss when the sweep has not covered a method.
+DEFAULT_HPARAMS: dict[str, dict[str, float | None]] = {
+    "dpo": {"lr": 5e-5, "beta": 1000.0},
+    "mapo": {"lr": 2e-4, "beta": 0.1},
+    "sft": {"lr": 2e-4, "beta": None},
+}
+#: The sweep's grid per loss: (lr, beta) candidates.
+SWEEP_GRID: dict[str, tuple[tuple[float, float | None], ...]] = {
+    "dpo": ((2e-5, 1000.0), (5e-5, 1000.0), (5e-5, 2500.0)),
+    "mapo": ((1e-4, 0.1), (2e-4, 0.1), (2e-4, 0.5)),
+    "sft": ((1e-4, None), (2e-4, None)),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sizes of a testbed run (``--quick`` shrinks them); every method gets ``max_steps`` x ``pairs_per_step``."""
+
+    pairs_per_prompt: int = 8  # setting A: pairs per training prompt
+    samples_per_prompt_b: int = 32  # setting B: pairs drawn per training prompt (~25 % are not ties)
+    max_steps: int = 120
+    batch_size: int = 4  # pairs per worker per step (2 workers)
+    eval_seeds: int = 32
+    train_seeds: tuple[int, ...] = (0, 1, 2)
+
+    @property
+    def pairs_per_step(self) -> int:
+        return 2 * self.batch_size
+
+    @classmethod
+    def quick(cls) -> Budget:
+        return cls(pairs_per_prompt=2, samples_per_prompt_b=6, max_steps=20, eval_seeds=4, train_seeds=(0,))
+
+
+def hyperparameters(method: Method, sweep_file: Path = SWEEP_FILE) -> tuple[dict[str, float | None], str]:
+    """``({"lr", "beta"}, source)`` of a method: the sweep's choice (source ``"sweep"``) or the loss default."""
+    if sweep_file.is_file():
+        chosen = json.loads(sweep_file.read_text()).get("chosen", {})
+        if method.name in chosen:
+            return dict(chosen[method.name]), "sweep"
+    return dict(DEFAULT_HPARAMS[method.loss]), "default"
+
+
+def select_methods(names: tuple[str, ...] | None) -> tuple[Method, ...]:
+    """The methods named (all if None); ValueError listing the valid names for an unknown one."""
+    if names is None:
+        return METHODS
+    valid = {m.name: m for m in METHODS}
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown testbed method(s) {unknown}; valid: {', '.join(valid)}")
+    return tuple(valid[n] for n in names)

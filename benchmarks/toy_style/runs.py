@@ -1,0 +1,169 @@
+"""The testbed's stages, each through the function its ``prefopt`` command runs: regenerate, cache, train, eval.
+
+Every run shares ``configs/demo.yaml`` as the base config, ``<workdir>/mlflow.db`` as the tracking store and
+one Ray session (started once by the caller with ``ray_jobs.cluster.ensure_ray``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from benchmarks.toy_style.methods import Budget, Method, hyperparameters
+from pipelines.toy_prompts import STYLE_TEMPLATE, train_prompts
+from pipelines.toy_sampling import EVAL_SETTINGS
+from prefopt_core.config import RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+#: Scorers of every evaluation: the style (adoption, win rate) and the fidelity to the prompt.
+EVAL_SCORERS = "[{name: outline_style}, {name: color_accuracy}, {name: shape_accuracy}]"
+
+
+def run_config(workdir: Path, name: str, base_dir: Path, *overrides: str) -> RunConfig:
+    """The demo config pointed at ``base_dir`` with its own workdir, run name and the shared MLflow store."""
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"run.workdir={workdir / name}",
+            f"run.name={name}",
+            f"model.pretrained={base_dir}",
+            f"model.max_sequence_length={EVAL_SETTINGS.max_sequence_length}",
+            "model.resolution=32",
+            f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+            "tracking.experiment=toy-style",
+            *overrides,
+        ],
+    )
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def regenerate(
+    workdir: Path,
+    base_dir: Path,
+    setting: str,
+    budget: Budget,
+) -> dict:
+    """Setting A (Pick-Style: chosen from ``STYLE_TEMPLATE``, rejected from the plain prompt, same seed) or B
+    (``pick-a-pic-like``: two seeds of the plain prompt, outline-scored, noisy labels, ties) pairs."""
+    from ray_jobs.regenerate import run_regenerate
+
+    name = f"pairs_{setting}"
+    prompt_file = write_prompts(workdir / "prompts" / f"{name}.txt", train_prompts())
+    if setting == "A":
+        preset = [
+            "regenerate.preset=custom",
+            f"regenerate.chosen_template='{STYLE_TEMPLATE}'",
+            "regenerate.rejected_template='{prompt}'",
+            f"regenerate.pairs_per_prompt={budget.pairs_per_prompt}",
+        ]
+    else:
+        preset = [
+            "regenerate.preset=pick-a-pic-like",
+            f"regenerate.pairs_per_prompt={budget.samples_per_prompt_b}",
+        ]
+    cfg = run_config(
+        workdir,
+        f"regenerate_{name}",
+        base_dir,
+        *preset,
+        f"regenerate.prompts={prompt_file}",
+        f"regenerate.output_dir={workdir / name}",
+        f"regenerate.num_inference_steps={EVAL_SETTINGS.num_inference_steps}",
+        f"regenerate.guidance_scale={EVAL_SETTINGS.guidance_scale}",
+        "regenerate.batch_size=16",
+        "regenerate.rows_per_shard=64",
+    )
+    return run_regenerate(cfg)
+
+
+def cache(workdir: Path, base_dir: Path, setting: str) -> dict:
+    """The latent cache of a setting's pairs (ties and broken rows quarantined, counted)."""
+    from ray_jobs.cache import run_cache
+
+    name = f"pairs_{setting}"
+    cfg = run_config(
+        workdir,
+        f"cache_{name}",
+        base_dir,
+        f"data.source={workdir / name}",
+        f"cache.dir={workdir / f'cache_{name}'}",
+        "cache.rows_per_shard=64",
+        "cache.batch_size=32",
+    )
+    return run_cache(cfg)
+
+
+def train(
+    workdir: Path,
+    base_dir: Path,
+    method: Method,
+    seed: int,
+    budget: Budget,
+    *,
+    hparams: dict | None = None,
+    run_name: str | None = None,
+) -> dict:
+    """Train ``method`` with training seed ``seed`` from its setting's cache; returns time, export, metrics."""
+    from ray_jobs.training.driver import run_training
+
+    hp = hparams or hyperparameters(method)[0]
+    run_name = run_name or f"{method.name}_s{seed}"  # its own workdir: a run resumes from the same name
+    cfg = run_config(
+        workdir,
+        run_name,
+        base_dir,
+        f"cache.dir={workdir / f'cache_pairs_{method.setting}'}",
+        f"run.seed={seed}",
+        f"loss.beta={hp['beta']}" if hp["beta"] else "loss.beta=null",
+        f"train.lr={hp['lr']}",
+        f"train.max_steps={budget.max_steps}",
+        f"train.batch_size={budget.batch_size}",
+        "train.num_workers=2",
+        "train.zero_stage=2",
+        "train.eval_every=20",
+        "train.sample_prompts=4",
+        f"train.sample_steps={EVAL_SETTINGS.num_inference_steps}",
+        "train.warmup_steps=10",
+        *method.overrides,
+    )
+    t0 = time.perf_counter()
+    summary = run_training(cfg)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "export": summary.export_dir,
+        "steps": budget.max_steps,
+        "beta": cfg.loss.beta,
+        "lr": cfg.train.lr,
+        "final": summary.final_metrics,
+        "run_id": summary.mlflow_run_id,
+        "method": method.name,
+        "seed": seed,
+    }
+
+
+def evaluate(
+    workdir: Path, base_dir: Path, exports: dict[str, str], prompts: list[str], seeds: int, name: str = "eval"
+) -> dict:
+    """``prefopt eval`` of every export against the base on ``prompts`` x ``range(seeds)``."""
+    from ray_jobs.evaluate import run_eval
+
+    prompt_file = write_prompts(workdir / "prompts" / f"{name}.txt", prompts)
+    models = ",".join(f"{k}={v}" for k, v in exports.items())
+    cfg = run_config(
+        workdir,
+        name,
+        base_dir,
+        f"eval.prompts={prompt_file}",
+        f"eval.models=[{models}]",
+        f"eval.seeds={list(range(seeds))}",
+        f"eval.scorers={EVAL_SCORERS}",
+        f"eval.num_inference_steps={EVAL_SETTINGS.num_inference_steps}",
+        f"eval.guidance_scale={EVAL_SETTINGS.guidance_scale}",
+        "eval.batch_size=16",
+    )
+    return run_eval(cfg)
