@@ -134,11 +134,13 @@ def generate_images(
     guidance_scale: float = 1.0,
     batch_size: int = 8,
     call_kwargs: Mapping[str, Any] | None = None,
+    progress=None,
 ) -> ImageGrid:
     """``images[s][p]``: ``pipe`` on every prompt for every seed, from the paired noise of :func:`initial_noise`.
 
     ``call_kwargs`` go to every pipeline call (e.g. ``max_sequence_length`` for SD3). Outputs do not depend on
-    ``batch_size`` beyond the float noise of batched matmuls.
+    ``batch_size`` beyond the float noise of batched matmuls. ``progress`` (a
+    :class:`pipelines.progress.Progress`) counts the images as they are made.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -163,6 +165,8 @@ def generate_images(
                 **dict(call_kwargs or {}),
             )
             row.extend(result.images)
+            if progress is not None:
+                progress.update(len(batch))
         out.append(row)
     return out
 

@@ -45,10 +45,11 @@ QUIET_LIBRARY_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also turns off transformers' "Writing model shards" bars
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # mlflow's own handler ("Creating initial MLflow database tables")
 }
 #: Loggers that print through a handler of their own and never propagate; quiet mode keeps their
 #: records below ERROR off the console.
-SELF_HANDLED_LOGGERS = ("DeepSpeed", "mlflow")
+SELF_HANDLED_LOGGERS = ("DeepSpeed",)
 #: Marks the handlers this module installed, so that configuring again replaces them.
 _MARK = "_prefopt_console"
 
@@ -134,6 +135,9 @@ def quiet_libraries(options: ConsoleOptions) -> None:
         lib_logger = logging.getLogger(name)
         if not any(isinstance(f, ErrorsOnly) for f in lib_logger.filters):
             lib_logger.addFilter(ErrorsOnly())
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars of every pipeline load
 
 
 def formatter_for(log_format: LogFormat) -> logging.Formatter:

@@ -195,11 +195,14 @@ def generate_and_score(
     """Generate ``prompts x cfg.eval.seeds`` with the baseline and every source (one pipeline in memory at a
     time) and score each model's images as soon as they exist."""
     from pipelines.evaluation import detect_grid, generate_images, score_grid
+    from pipelines.progress import Progress
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     call_kwargs = {"max_sequence_length": cfg.model.max_sequence_length} if cfg.model.family == "sd3" else {}
     out = Generated({}, {}, {})
-    for name, source in [(BASELINE_NAME, None), *((s.name, s) for s in sources)]:
+    models = [(BASELINE_NAME, None), *((s.name, s) for s in sources)]
+    progress = Progress("eval", len(models) * len(prompts) * len(cfg.eval.seeds), unit="images")
+    for name, source in models:
         logger.info("eval: generating %d prompts x %d seeds with %s", len(prompts), len(cfg.eval.seeds), name)
         pipe = load_pipeline(cfg, adapter, source, device)
         images = generate_images(
@@ -211,12 +214,14 @@ def generate_and_score(
             guidance_scale=cfg.eval.guidance_scale,
             batch_size=cfg.eval.batch_size,
             call_kwargs=call_kwargs,
+            progress=progress,
         )
         del pipe
         gc.collect()
         out.scores[name] = {label: score_grid(s, images, prompts) for label, s in scorers.items()}
         out.detections[name] = {label: detect_grid(s, images) for label, s in scorers.items()}
         out.first_seed[name] = images[0]
+    progress.finish()
     return out
 
 
