@@ -113,10 +113,10 @@ def cache8(tmp_path_factory, tiny_sd3, ray_cluster) -> Path:
     return synthetic_cache(tmp_path_factory.mktemp("train_cache"), tiny_sd3, num_pairs=8, seed=21)
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo process group on 127.0.0.1 and the launcher variables DeepSpeed reads, as a
-    launcher (torchrun, Ray Train) would set them (for the one-process worker recipe)."""
+@pytest.fixture(scope="session")
+def _one_rank_group() -> int:
+    """A one-rank gloo process group on 127.0.0.1, made once per test process (DeepSpeed keeps the first
+    group it sees, so a second one would be unknown to it); yields its port."""
     import socket
 
     import torch.distributed as dist
@@ -124,18 +124,25 @@ def process_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield port
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def process_group(_one_rank_group):
+    """The one-rank group and, for this module, the launcher variables DeepSpeed reads, as a launcher
+    (torchrun, Ray Train) would set them (for the one-process worker recipe)."""
     env = {
         "RANK": "0",
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
+        "MASTER_PORT": str(_one_rank_group),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

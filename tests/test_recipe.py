@@ -21,10 +21,9 @@ from prefopt_core.config import load_config
 from prefopt_core.models.sd3 import SD3Adapter
 from prefopt_core.objective import PreferenceObjective
 from prefopt_core.timesteps import TimestepConfig
-from ray_jobs import tracking
 from ray_jobs.training.context import LocalContext
 from ray_jobs.training.recipe import WorkerRecipe, run_recipe
-from ray_jobs.training.state import RecipeInputs
+from tests._local_recipe import local_recipe
 from tests._runs import history, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,25 +44,7 @@ def _recipe(
             *extra,
         ],
     )
-    manifest = read_manifest(cache)
-    identity = tracking.RunIdentity(cfg.tracking.experiment, f"local@{workdir}", "local", {})
-    run_id, _ = tracking.find_or_create_run(
-        cfg.tracking_uri, identity.experiment, identity.run_key, "local", {}
-    )
-    table = read_cache_table(cache, manifest)
-    inputs = RecipeInputs(
-        config=cfg,
-        manifest=manifest,
-        tracking_uri=cfg.tracking_uri,
-        base_model_dir=str(tiny_sd3),
-        export_dir=str(workdir / "export"),
-        run_id=run_id,
-        run_identity=identity,
-        probe=table.slice(0, cfg.reference.probe_size),
-        progress_every_s=0.0,  # a record at every step
-    )
-    ctx = LocalContext(table, workdir / "checkpoints")
-    return WorkerRecipe(inputs, ctx), ctx
+    return local_recipe(cfg, cache, tiny_sd3, workdir, progress_every_s=0.0)  # a record at every step
 
 
 @pytest.fixture(scope="module")

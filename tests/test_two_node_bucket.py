@@ -34,6 +34,7 @@ from pipelines.synthetic import write_synthetic_pickapic
 from prefopt_core.config import load_config
 from prefopt_core.storage import Location
 from ray_jobs.console import LOG_FILE
+from tests._local_recipe import local_recipe
 from tests._runs import history, train_overrides
 
 pytestmark = pytest.mark.slow
@@ -157,6 +158,7 @@ def bucket_run(tmp_path_factory, s3_bucket, tiny_sd3):
         "scratch": scratch,
         "secret": secret,
         "console": done.stdout + done.stderr,
+        "stdout": done.stdout,
         "actors": actors,
         "summary": Location(f"{prefix}/run/demo_summary.json").read_json(),
         "ray_logs": ray_tmp,
@@ -201,10 +203,7 @@ def test_bucket_cache_rows_equal_a_local_build_of_the_same_source(bucket_run, lo
 @pytest.fixture(scope="module")
 def local_losses(bucket_run, local_cache, tiny_sd3, process_group) -> list[tuple[int, float]]:
     """An uninterrupted one-process recipe run (1 worker x 4 pairs) on the local cache: its losses."""
-    from pipelines.cache_reader import read_cache_table
-    from ray_jobs import tracking
-    from ray_jobs.training.context import LocalContext
-    from ray_jobs.training.recipe import RecipeInputs, WorkerRecipe, run_recipe
+    from ray_jobs.training.recipe import run_recipe
 
     tmp = bucket_run["tmp"] / "recipe"
     cfg = load_config(
@@ -219,23 +218,9 @@ def local_losses(bucket_run, local_cache, tiny_sd3, process_group) -> list[tuple
             "train.batch_size=4",
         ),
     )
-    manifest = read_manifest(local_cache)
-    identity = tracking.RunIdentity(cfg.tracking.experiment, f"local@{tmp}", "local", {})
-    run_id, _ = tracking.find_or_create_run(
-        cfg.tracking_uri, identity.experiment, identity.run_key, "local", {}
-    )
-    table = read_cache_table(local_cache, manifest)
-    inputs = RecipeInputs(
-        config=cfg,
-        manifest=manifest,
-        tracking_uri=cfg.tracking_uri,
-        base_model_dir=str(tiny_sd3),
-        export_dir=str(tmp / "export"),
-        run_id=run_id,
-        run_identity=identity,
-        probe=table.slice(0, cfg.reference.probe_size),
-    )
-    run_recipe(WorkerRecipe(inputs, LocalContext(table, tmp / "checkpoints")))
+    recipe, _ = local_recipe(cfg, local_cache, tiny_sd3, tmp)
+    run_recipe(recipe)
+    run_id = recipe.inputs.run_id
     return history(cfg.tracking_uri, run_id, "loss")
 
 
@@ -308,3 +293,16 @@ def test_the_secret_is_in_no_file_the_run_wrote_nor_its_console(bucket_run):
     assert any(p.name == "mlflow.db" for p in files) and any(p.name == LOG_FILE for p in files)
     leaks += [str(p) for p in files if secret in p.read_bytes()]
     assert leaks == []
+
+
+def test_demo_console_ends_with_its_summary_and_outcome_lines(bucket_run):
+    """What the operator reads last: the summary table, where it was written, then adoption and the two
+    fidelity lines (base -> trained); Ray's worker logs (``(RayTrainWorker pid=...)``, ``(MapWorker ...)``)
+    never reach the console, so nothing comes after them."""
+    lines = bucket_run["stdout"].rstrip("\n").splitlines()
+    assert lines[-3].startswith("style adoption rate (held-out prompts without the style word): base ")
+    assert lines[-2].startswith("fidelity, color accuracy (same samples): base ")
+    assert lines[-1].startswith("fidelity, shape accuracy (same samples): base ")
+    assert lines[-4].startswith("summary written to ")
+    assert "== prefopt demo ==" in lines
+    assert not any(marker in bucket_run["console"] for marker in ("(RayTrainWorker", "(MapWorker"))
