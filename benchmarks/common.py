@@ -381,3 +381,15 @@ def machine_info() -> dict[str, str]:
     except ImportError:
         pass
     return info
+
+
+@contextlib.contextmanager
+def workers_run(loop):
+    """``prefopt train`` starts ``loop`` on its Ray Train workers instead of the recipe's
+    ``train_loop_per_worker``, for the duration of the block only."""
+    from unittest import mock
+
+    from ray_jobs.training import recipe
+
+    with mock.patch.object(recipe, "train_loop_per_worker", loop):
+        yield

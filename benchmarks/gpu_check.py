@@ -35,7 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Row, fmt, machine_info, markdown_table, matmul_peak_flops, memory_report
+from benchmarks.common import (
+    Row,
+    fmt,
+    machine_info,
+    markdown_table,
+    matmul_peak_flops,
+    memory_report,
+    workers_run,
+)
 
 logger = logging.getLogger("benchmarks.gpu_check")
 
@@ -257,17 +265,6 @@ def checked_train_loop(loop_config: dict[str, Any]) -> None:
     out.write_text(json.dumps(report))
 
 
-@contextlib.contextmanager
-def _checked_workers():
-    """``prefopt train`` starts :func:`checked_train_loop` on its workers for the duration of the block."""
-    from unittest import mock
-
-    from ray_jobs.training import recipe
-
-    with mock.patch.object(recipe, "train_loop_per_worker", checked_train_loop):
-        yield
-
-
 def window_pairs_per_s(timestamps_ms: dict[int, int], start: int, end: int, pairs_per_step: int) -> float:
     """Pairs/s of steps ``start+1 .. end`` from the log timestamps (ms) of the flushes at ``start`` and
     ``end``: ``(end - start) · pairs_per_step / (t_end - t_start)``."""
@@ -339,7 +336,7 @@ def run_check(size: CheckSize, workdir: Path) -> dict[str, Any]:
     cache_summary = json.loads((cfg.workdir / "cache_summary.json").read_text())
     steady, rows = steady_rows_per_s(Path(cache_summary["cache_dir"]), parallel=1)
     t = time.perf_counter()
-    with _checked_workers():
+    with workers_run(checked_train_loop):
         prefopt("train", str(config_path))
     phases["train"] = time.perf_counter() - t
     summary = json.loads((cfg.workdir / "train_summary.json").read_text())

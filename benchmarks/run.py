@@ -61,6 +61,7 @@ from benchmarks.common import (
     time_steps,
     torch_threads,
     wait_until_quiet,
+    workers_run,
 )
 from benchmarks.online_stream import bench_online
 from prefopt_core.models.tiny import TinySD3Spec
@@ -679,17 +680,6 @@ def reporting_train_loop(loop_config: dict[str, Any]) -> None:
     out.write_text(json.dumps(report))
 
 
-@contextlib.contextmanager
-def _reporting_workers():
-    """Make ``run_training`` start :func:`reporting_train_loop` (only for the duration of the block)."""
-    from unittest import mock
-
-    import ray_jobs.training.recipe as train
-
-    with mock.patch.object(train, "train_loop_per_worker", reporting_train_loop):
-        yield
-
-
 def ray_training_run(cfg) -> dict[str, Any]:
     """``run_training(cfg)`` (``prefopt train``) in this Ray session; returns its step times from MLflow
     (``time/step_s`` per optimizer step), the workers' memory reports and the wall time."""
@@ -699,7 +689,7 @@ def ray_training_run(cfg) -> dict[str, Any]:
 
     shutil.rmtree(cfg.workdir, ignore_errors=True)
     t0 = time.perf_counter()
-    with _reporting_workers():
+    with workers_run(reporting_train_loop):
         summary = run_training(cfg)
     wall = time.perf_counter() - t0
     if summary.mlflow_run_id is None:
