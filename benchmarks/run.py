@@ -11,6 +11,8 @@ repeats of the per-repeat ratio; warm-up steps are excluded. Benchmarks (``--onl
 * ``train_overhead`` -- ``prefopt train`` (Ray Train + DeepSpeed, 1 worker; ``time/step_s`` from MLflow)
   vs a bare PyTorch loop of the same model, loss and optimizer; and the model FLOP utilisation of the
   train step (exact FLOPs from ``torch.utils.flop_counter`` / measured matmul peak of this machine).
+* ``step_profile`` -- where the time of a ``prefopt train`` step goes (cProfile of the worker, ``log_every=1``
+  vs the default), written to ``benchmarks/step_profile.md`` (:mod:`benchmarks.step_profile`).
 * ``zero_memory`` -- per-worker peak memory of ZeRO-2 and ZeRO-3 vs plain data parallel, 2 workers (on a
   wider transformer trained from the same cache, so that ZeRO-3 has weights to partition).
 * ``cache_build`` -- latent-cache build with a 2-actor Ray Data pool vs a single-process loop, rows/s.
@@ -64,6 +66,7 @@ from benchmarks.common import (
     workers_run,
 )
 from benchmarks.online_stream import bench_online
+from benchmarks.step_profile import bench_step_profile
 from prefopt_core.models.tiny import TinySD3Spec
 
 logger = logging.getLogger("benchmarks.run")
@@ -71,7 +74,15 @@ logger = logging.getLogger("benchmarks.run")
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = HERE / "_work"
 DEFAULT_OUT = HERE / "results.md"
-BENCHMARKS = ("single_process", "train_overhead", "zero_memory", "cache_build", "online", "gpu")
+BENCHMARKS = (
+    "single_process",
+    "train_overhead",
+    "step_profile",
+    "zero_memory",
+    "cache_build",
+    "online",
+    "gpu",
+)
 #: Imported once by the fork server of the isolated cases (each case then starts in well under a second).
 PRELOAD = (
     "torch",
@@ -1183,6 +1194,7 @@ def bench_gpu(ctx: Context, *, batch_pairs: int = 1) -> list[Row]:
 RUNNERS: dict[str, Callable[[Context], list[Row]]] = {
     "single_process": bench_single_process,
     "train_overhead": bench_train_overhead,
+    "step_profile": bench_step_profile,
     "zero_memory": bench_zero_memory,
     "cache_build": bench_cache_build,
     "online": bench_online,

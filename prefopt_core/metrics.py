@@ -111,35 +111,43 @@ class BinAccumulator:
 
     def update(self, t: Tensor, margin: Tensor, loss: Tensor) -> None:
         """Add B pairs: integer timesteps ``t (B,)`` in ``[0, T)``, reward margins ``margin (B,)`` and
-        per-pair losses ``loss (B,)`` (``LossOutput.losses``; detached here)."""
+        per-pair losses ``loss (B,)`` (``LossOutput.losses``; detached here).
+
+        The sums live on the device of the tensors given (moved there on the first update), so a training
+        step never waits for the host here. The timestep range is checked on CPU tensors, where it costs no
+        sync; on an accelerator an out-of-range timestep fails in ``index_add_`` instead.
+        """
         _check_pair(t, margin, ("t", "margin"))
         _check_pair(t, loss, ("t", "loss"))
         if t.dtype.is_floating_point:
             raise ValueError(f"t must hold integer timesteps, got dtype {t.dtype}")
-        if int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps:
+        if t.device.type == "cpu" and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
             raise ValueError(
                 f"timesteps must lie in [0, {self.num_train_timesteps}), got [{int(t.min())}, {int(t.max())}]"
             )
-        k = timestep_bin(t.detach().cpu(), self.num_train_timesteps, self.num_bins)  # (B,) int64
-        m = margin.detach().cpu().double()  # (B,)
+        if self._state.device != margin.device:
+            self._state = self._state.to(margin.device)
+        k = timestep_bin(t.detach().to(margin.device), self.num_train_timesteps, self.num_bins)  # (B,) int64
+        m = margin.detach().double()  # (B,)
         self._state[_COUNT].index_add_(0, k, torch.ones_like(m))
         self._state[_CORRECT].index_add_(0, k, (m > 0).double())
         self._state[_MARGIN].index_add_(0, k, m)
         self._state[_ABS_MARGIN].index_add_(0, k, m.abs())
-        self._state[_LOSS].index_add_(0, k, loss.detach().cpu().double())
+        self._state[_LOSS].index_add_(0, k, loss.detach().to(m.device).double())
 
     def compute(self) -> dict[str, float]:
         """``{"bins/acc_k", "bins/margin_k", "bins/abs_margin_k", "bins/loss_k"}`` for the bins that saw at
         least one pair."""
         out: dict[str, float] = {}
-        count = self._state[_COUNT]
+        state = self._state.cpu()  # one host copy
+        count = state[_COUNT]
         rows = dict(zip(BIN_METRICS, (_CORRECT, _MARGIN, _ABS_MARGIN, _LOSS), strict=True))
         for k in range(self.num_bins):
             n = float(count[k])
             if n == 0:
                 continue
             for name, row in rows.items():
-                out[f"bins/{name}_{k}"] = float(self._state[row, k]) / n
+                out[f"bins/{name}_{k}"] = float(state[row, k]) / n
         return out
 
     def reset(self) -> None:
@@ -151,7 +159,8 @@ class BinAccumulator:
         return int(self._state[_COUNT].sum())
 
     def to_tensor(self) -> Tensor:
-        """A copy of the ``(5, num_bins)`` float64 sums: ``dist.all_reduce`` it (SUM) to merge workers."""
+        """A copy of the ``(5, num_bins)`` float64 sums, on the device of the updates: ``dist.all_reduce`` it
+        (SUM) to merge workers."""
         return self._state.clone()
 
     @classmethod

@@ -8,8 +8,16 @@ import math
 
 import pytest
 
-from benchmarks.toy_style.methods import METHODS, QUICK_METHODS, select_methods
-from benchmarks.toy_style.report import CLAIMS, aggregate, model_metrics, results_table, verdict
+from benchmarks.toy_style.methods import METHODS, QUICK_METHODS, hyperparameters, select_methods
+from benchmarks.toy_style.report import (
+    CLAIMS,
+    aggregate,
+    lambda_verdict_lines,
+    model_metrics,
+    results_table,
+    sd3_default,
+    verdict,
+)
 from benchmarks.toy_style.sweep import choose
 from benchmarks.toy_style.testbed import README_END, README_START, update_readme
 from pipelines.toy_prompts import heldout_prompts
@@ -79,7 +87,8 @@ def test_results_table_rows_by_hand():
 
 
 def test_methods_cover_both_settings_and_unknown_names_fail():
-    """Setting B: 7 methods (SFT, DPO, TA only, δ = ∞, δ, Rethinking, MaPO); setting A: SFT, DPO, MaPO."""
+    """Setting B: 7 methods (SFT, DPO, TA only, δ = ∞, δ, Rethinking, MaPO) and a Rethinking and a TA-only row
+    per λ(t) variant; setting A: SFT, DPO, MaPO."""
     assert [m.name for m in METHODS] == [
         "B_sft",
         "B_dpo",
@@ -88,6 +97,12 @@ def test_methods_cover_both_settings_and_unknown_names_fail():
         "B_dpo_ref_delta",
         "B_rethinking",
         "B_mapo",
+        "B_rethinking_ddpm",
+        "B_dpo_ta_ddpm",
+        "B_rethinking_logsnr",
+        "B_dpo_ta_logsnr",
+        "B_rethinking_cal",
+        "B_dpo_ta_cal",
         "A_sft",
         "A_dpo",
         "A_mapo",
@@ -97,6 +112,68 @@ def test_methods_cover_both_settings_and_unknown_names_fail():
     assert "loss.timestep_weight=inv_sqrt_snr" in ta and "timesteps.sampling=gamma" in ta
     with pytest.raises(ValueError, match="valid: B_sft, B_dpo"):
         select_methods(("B_ppo",))
+
+
+def test_lambda_variants_differ_from_their_row_in_lambda_only():
+    """``B_rethinking_logsnr`` = ``B_rethinking`` with ``loss.timestep_weight=log_snr`` in place of
+    ``inv_sqrt_snr``, and it takes ``B_rethinking``'s swept lr and β."""
+    by_name = {m.name: m for m in METHODS}
+    variant, row = by_name["B_rethinking_logsnr"], by_name["B_rethinking"]
+    swapped = tuple(
+        "loss.timestep_weight=log_snr" if o == "loss.timestep_weight=inv_sqrt_snr" else o
+        for o in row.overrides
+    )
+    assert variant.overrides == swapped
+    assert variant.hparams_of == "B_rethinking"
+
+
+def test_variant_takes_the_swept_hyperparameters_of_its_row(tmp_path):
+    """A sweep file choosing lr 3e-5, β 2000 for B_dpo_ta gives B_dpo_ta_ddpm the same, labelled as borrowed."""
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text('{"chosen": {"B_dpo_ta": {"lr": 3e-5, "beta": 2000.0}}}')
+    variant = select_methods(("B_dpo_ta_ddpm",))[0]
+    assert hyperparameters(variant, sweep) == ({"lr": 3e-5, "beta": 2000.0}, "sweep (as B_dpo_ta)")
+
+
+def test_calibrated_method_without_its_calibration_run_fails():
+    with pytest.raises(ValueError, match=r"B_rethinking_cal need.* B_dpo_ref_delta"):
+        select_methods(("B_rethinking_cal",))
+
+
+def test_selection_trains_the_calibration_run_first():
+    """Asked in any order, methods come back in ``METHODS`` order: the calibration run before its readers."""
+    chosen = select_methods(("B_rethinking_cal", "B_dpo_ref_delta"))
+    assert [m.name for m in chosen] == ["B_dpo_ref_delta", "B_rethinking_cal"]
+
+
+def test_lambda_verdicts_and_sd3_default_by_hand():
+    """Rethinking 0.40 ± 0.02 adoption, fidelity (0.9 + 0.8) / 2 = 0.85 (stds 0). log_snr: 0.50 ± 0.02 ->
+    +0.10 > s = 0.02: beats it; fidelity (0.9 + 0.78) / 2 = 0.84, inv_sqrt_snr ahead by 0.01 > s = 0: the
+    variant loses fidelity, so it is not chosen. ddpm range: 0.45 ± 0.02 (beats, +0.05) at fidelity 0.85
+    (tie, not reproduced): chosen. With only the ddpm-range row losing (0.35), the default stays inv_sqrt_snr."""
+
+    def st(adoption, color, shape):
+        return {"adoption": (adoption, 0.02), "color": (color, 0.0), "shape": (shape, 0.0)}
+
+    stats = {
+        "B_rethinking": st(0.40, 0.9, 0.8),
+        "B_rethinking_logsnr": st(0.50, 0.9, 0.78),
+        "B_rethinking_ddpm": st(0.45, 0.9, 0.8),
+    }
+    assert sd3_default(stats) == "inv_sqrt_snr_ddpm_range"
+    lines = lambda_verdict_lines(stats)
+    assert (
+        lines[-1] == "- SD3 default chosen from these rows: **loss.timestep_weight=inv_sqrt_snr_ddpm_range**"
+    )
+    assert (
+        sum("**reproduced**" in line for line in lines) == 3
+    )  # ddpm beats, logsnr beats, logsnr loses fidelity
+    stats = {"B_rethinking": st(0.40, 0.9, 0.8), "B_rethinking_ddpm": st(0.35, 0.9, 0.8)}
+    assert sd3_default(stats) == "inv_sqrt_snr"
+
+
+def test_no_lambda_rows_no_lambda_lines():
+    assert lambda_verdict_lines({"B_rethinking": {"adoption": (0.4, 0.0)}}) == []
 
 
 def test_sweep_choice_by_hand():

@@ -11,6 +11,13 @@ Settings (how the preference pairs are made; both through ``prefopt regenerate``
 Every method trains with the same budget (``Budget``: optimizer steps x pairs per step); its learning rate
 and β come from the committed sweep (``SWEEP_FILE``, written by ``python -m benchmarks.toy_style.sweep``) and
 fall back to ``DEFAULT_HPARAMS`` for a method the sweep has not covered (the report says which).
+
+The λ(t) variants (``LAMBDA_VARIANTS``: the flow-matching forms of ``prefopt_core.timestep_weights`` beside the
+paper's ``inv_sqrt_snr``) add a Rethinking-DPO row and a timestep-aware-only row each to setting B. They are not
+swept: each uses the learning rate and β chosen for its ``inv_sqrt_snr`` row (``Method.hparams_of``), so the
+rows differ in λ(t) only. The ``calibrated`` variant reads the per-bin |reward margin| of the seed-0
+``CALIBRATION_METHOD`` run (periodic reference + δ, uniform λ: the strategy the paper measures its imbalance
+under), written by the testbed as ``prefopt timesteps --calibrate`` does.
 """
 
 from __future__ import annotations
@@ -30,7 +37,20 @@ SETTING_LABELS: dict[str, str] = {
     "B": "Pick-a-Pic-like (noisy, in-distribution)",
 }
 
-_TA = ("timesteps.sampling=gamma", "timesteps.bins=10", "loss.timestep_weight=inv_sqrt_snr")
+
+def _ta(weight: str = "inv_sqrt_snr") -> tuple[str, ...]:
+    """Timestep-aware training: γ-sampling over 10 bins and the reward scale λ(t) = ``weight``."""
+    return ("timesteps.sampling=gamma", "timesteps.bins=10", f"loss.timestep_weight={weight}")
+
+
+#: λ(t) variants beside ``inv_sqrt_snr``: (method-name suffix, ``loss.timestep_weight`` value, table label).
+LAMBDA_VARIANTS: tuple[tuple[str, str, str], ...] = (
+    ("ddpm", "inv_sqrt_snr_ddpm_range", "1/√SNR within the DDPM range"),
+    ("logsnr", "log_snr", "min-max log-SNR"),
+    ("cal", "calibrated", "calibrated per bin"),
+)
+#: The run whose per-bin |margin| calibrates ``calibrated`` (its seed-0 run; trained before the variants).
+CALIBRATION_METHOD = "B_dpo_ref_delta"
 _PERIODIC = ("reference.strategy=periodic", "reference.tau=25")
 #: The divergence limit δ of the bounded periodic reference (``kl/policy_init`` units; see
 #: ``prefopt_core.reference``: D of a frozen-reference DPO run of this budget ends near 0.2).
@@ -46,10 +66,17 @@ class Method:
     setting: Setting
     loss: str
     overrides: tuple[str, ...]
+    #: The method whose swept lr and β this one uses (a λ variant of a swept row); None: its own.
+    hparams_of: str | None = None
 
     @property
     def name(self) -> str:
         return f"{self.setting}_{self.key}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method trains with ``loss.timestep_weight=calibrated`` (needs the calibration file)."""
+        return "loss.timestep_weight=calibrated" in self.overrides
 
 
 def _methods(setting: Setting) -> tuple[Method, ...]:
@@ -66,7 +93,7 @@ def _methods(setting: Setting) -> tuple[Method, ...]:
             "DPO + timestep-aware only",
             setting,
             "dpo",
-            ("loss.name=dpo", "reference.strategy=frozen", *_TA),
+            ("loss.name=dpo", "reference.strategy=frozen", *_ta()),
         ),
         Method(
             "dpo_ref_inf",
@@ -87,10 +114,38 @@ def _methods(setting: Setting) -> tuple[Method, ...]:
             f"Rethinking DPO (periodic reference, δ = {DELTA}, timestep-aware)",
             setting,
             "dpo",
-            ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}", *_TA),
+            ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}", *_ta()),
         ),
         mapo,
+        *_lambda_variants(),
     )
+
+
+def _lambda_variants() -> tuple[Method, ...]:
+    """Setting B rows of issue-16's λ(t) variants: Rethinking DPO and timestep-aware only, per variant."""
+    rows = []
+    for suffix, weight, label in LAMBDA_VARIANTS:
+        rows.append(
+            Method(
+                f"rethinking_{suffix}",
+                f"Rethinking DPO, λ = {label}",
+                "B",
+                "dpo",
+                ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}", *_ta(weight)),
+                hparams_of="B_rethinking",
+            )
+        )
+        rows.append(
+            Method(
+                f"dpo_ta_{suffix}",
+                f"DPO + timestep-aware only, λ = {label}",
+                "B",
+                "dpo",
+                ("loss.name=dpo", "reference.strategy=frozen", *_ta(weight)),
+                hparams_of="B_dpo_ta",
+            )
+        )
+    return tuple(rows)
 
 
 METHODS: tuple[Method, ...] = (*_methods("B"), *_methods("A"))
@@ -132,20 +187,31 @@ class Budget:
 
 
 def hyperparameters(method: Method, sweep_file: Path = SWEEP_FILE) -> tuple[dict[str, float | None], str]:
-    """``({"lr", "beta"}, source)`` of a method: the sweep's choice (source ``"sweep"``) or the loss default."""
+    """``({"lr", "beta"}, source)`` of a method: the sweep's choice for it (source ``"sweep"``) or for the
+    method it takes them from (``"sweep (as B_rethinking)"``), else the loss default (``"default"``)."""
+    name = method.hparams_of or method.name
     if sweep_file.is_file():
         chosen = json.loads(sweep_file.read_text()).get("chosen", {})
-        if method.name in chosen:
-            return dict(chosen[method.name]), "sweep"
+        if name in chosen:
+            return dict(chosen[name]), "sweep" if method.hparams_of is None else f"sweep (as {name})"
     return dict(DEFAULT_HPARAMS[method.loss]), "default"
 
 
 def select_methods(names: tuple[str, ...] | None) -> tuple[Method, ...]:
-    """The methods named (all if None); ValueError listing the valid names for an unknown one."""
+    """The methods named (all if None), in ``METHODS`` order (so a calibration run trains before the methods
+    that read it); ValueError listing the valid names for an unknown one, or naming the calibration run a
+    ``calibrated`` method needs when it is left out."""
     if names is None:
         return METHODS
-    valid = {m.name: m for m in METHODS}
+    valid = {m.name for m in METHODS}
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"unknown testbed method(s) {unknown}; valid: {', '.join(valid)}")
-    return tuple(valid[n] for n in names)
+        raise ValueError(f"unknown testbed method(s) {unknown}; valid: {', '.join(m.name for m in METHODS)}")
+    chosen = tuple(m for m in METHODS if m.name in names)
+    calibrated = [m.name for m in chosen if m.needs_calibration]
+    if calibrated and CALIBRATION_METHOD not in names:
+        raise ValueError(
+            f"{', '.join(calibrated)} need(s) {CALIBRATION_METHOD} in the same run: its seed-0 run is the "
+            "calibration run of loss.timestep_weight=calibrated"
+        )
+    return chosen

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.toy_style.methods import SETTING_LABELS, Method
+from benchmarks.toy_style.methods import LAMBDA_VARIANTS, SETTING_LABELS, Method
 
 METRICS: tuple[str, ...] = ("adoption", "win_rate", "color", "shape", "kl")
 BASE = "base"
@@ -153,4 +153,62 @@ def verdict_lines(stats: dict[str, dict[str, tuple[float, float]]]) -> list[str]
     for claim in CLAIMS:
         result, numbers = verdict(claim, stats)
         lines.append(f"- ({claim.key}) {claim.text}: **{result}**" + (f" — {numbers}" if numbers else ""))
+    return lines
+
+
+def lambda_claims() -> tuple[Claim, ...]:
+    """Issue 16's questions per λ(t) variant ``v`` (setting B): does Rethinking DPO with ``v`` beat it with the
+    paper's ``inv_sqrt_snr`` on adoption, and keep its fidelity; does timestep-aware-only training with ``v``
+    beat Diffusion-DPO."""
+    claims = []
+    for suffix, weight, _ in LAMBDA_VARIANTS:
+        claims += [
+            Claim(
+                f"λ {weight}",
+                f"Rethinking DPO with λ = {weight} beats λ = inv_sqrt_snr (adoption)",
+                f"B_rethinking_{suffix}",
+                "B_rethinking",
+                "adoption",
+            ),
+            Claim(
+                f"λ {weight}",
+                f"Rethinking DPO with λ = inv_sqrt_snr keeps more fidelity than with λ = {weight} (the variant "
+                "loses fidelity if reproduced)",
+                "B_rethinking",
+                f"B_rethinking_{suffix}",
+                "fidelity",
+            ),
+            Claim(
+                f"λ {weight}",
+                f"timestep-aware only with λ = {weight} beats Diffusion-DPO (adoption)",
+                f"B_dpo_ta_{suffix}",
+                "B_dpo",
+                "adoption",
+            ),
+        ]
+    return tuple(claims)
+
+
+def sd3_default(stats: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """The λ(t) the measured rows support for SD3: the variant whose Rethinking-DPO row beats ``inv_sqrt_snr``
+    on adoption (reproduced) without losing fidelity (that comparison not reproduced against it), the highest
+    adoption among such; else ``inv_sqrt_snr`` (nothing measured beats the paper's form)."""
+    claims = lambda_claims()
+    winners = []
+    for i, (suffix, weight, _) in enumerate(LAMBDA_VARIANTS):
+        adoption, fidelity = claims[3 * i], claims[3 * i + 1]
+        if verdict(adoption, stats)[0] == "reproduced" and verdict(fidelity, stats)[0] != "reproduced":
+            winners.append((stats[f"B_rethinking_{suffix}"]["adoption"][0], weight))
+    return max(winners)[1] if winners else "inv_sqrt_snr"
+
+
+def lambda_verdict_lines(stats: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
+    """One bullet per λ claim, then the SD3 default those verdicts choose (none if no variant ran)."""
+    lines = []
+    for claim in lambda_claims():
+        result, numbers = verdict(claim, stats)
+        if result != "not run":
+            lines.append(f"- {claim.text}: **{result}** — {numbers}")
+    if lines:
+        lines.append(f"- SD3 default chosen from these rows: **loss.timestep_weight={sd3_default(stats)}**")
     return lines

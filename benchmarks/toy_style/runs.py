@@ -107,8 +107,10 @@ def train(
     *,
     hparams: dict | None = None,
     run_name: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
-    """Train ``method`` with training seed ``seed`` from its setting's cache; returns time, export, metrics."""
+    """Train ``method`` with training seed ``seed`` from its setting's cache (``extra``: overrides after the
+    method's own, e.g. the calibration file); returns time, export, metrics and the MLflow run id."""
     from ray_jobs.training.driver import run_training
 
     hp = hparams or hyperparameters(method)[0]
@@ -130,6 +132,7 @@ def train(
         f"train.sample_steps={EVAL_SETTINGS.num_inference_steps}",
         "train.warmup_steps=10",
         *method.overrides,
+        *extra,
     )
     t0 = time.perf_counter()
     summary = run_training(cfg)
@@ -167,3 +170,36 @@ def evaluate(
         "eval.batch_size=16",
     )
     return run_eval(cfg)
+
+
+def ddpm_counterpart(workdir: Path, method: Method, seed: int, budget: Budget, hparams: dict) -> dict:
+    """The DDPM side of the timestep-imbalance figure: ``method`` (a setting-B method) trained the same way on a
+    tiny SD1.5-family pipeline (DDPM schedule, random weights: no trained DDPM model ships offline) from the
+    setting-B pairs, cached with that pipeline's VAE and text encoder. Returns what :func:`train` returns."""
+    from prefopt_core.models.tiny import make_tiny_pipeline
+    from ray_jobs.cache import run_cache
+
+    base = make_tiny_pipeline(workdir / "ddpm_base", family="sd15", seed=0, resolution=32)
+    cache_dir = workdir / "cache_pairs_B_ddpm"
+    family = "model.family=sd15"
+    cfg = run_config(
+        workdir,
+        "cache_pairs_B_ddpm",
+        base,
+        family,
+        f"data.source={workdir / 'pairs_B'}",
+        f"cache.dir={cache_dir}",
+        "cache.rows_per_shard=64",
+        "cache.batch_size=32",
+    )
+    run_cache(cfg)
+    return train(
+        workdir,
+        base,
+        method,
+        seed,
+        budget,
+        hparams=hparams,
+        run_name=f"{method.name}_ddpm_s{seed}",
+        extra=(family, f"cache.dir={cache_dir}"),
+    )

@@ -55,6 +55,7 @@ def sweep(workdir: Path, methods: tuple[Method, ...], budget: Budget) -> dict:
         runs.regenerate(workdir, base_dir, setting, budget)
         runs.cache(workdir, base_dir, setting)
     trained: dict[str, dict] = {}
+    methods = tuple(m for m in methods if m.hparams_of is None)  # λ variants take their row's choice
     for m in methods:
         for lr, beta in SWEEP_GRID[m.loss]:
             key = f"{m.name}_lr{lr:g}_b{beta if beta is not None else 0:g}"

@@ -33,7 +33,9 @@ from pathlib import Path
 
 from benchmarks.toy_style import runs
 from benchmarks.toy_style.figures import adoption_vs_fidelity
+from benchmarks.toy_style.imbalance import plot_imbalance, run_bin_metrics
 from benchmarks.toy_style.methods import (
+    CALIBRATION_METHOD,
     QUICK_METHODS,
     SETTING_LABELS,
     Budget,
@@ -41,10 +43,18 @@ from benchmarks.toy_style.methods import (
     hyperparameters,
     select_methods,
 )
-from benchmarks.toy_style.report import aggregate, model_metrics, results_table, verdict_lines
+from benchmarks.toy_style.report import (
+    aggregate,
+    lambda_verdict_lines,
+    model_metrics,
+    results_table,
+    verdict_lines,
+)
 from pipelines.toy_base_asset import shipped_base
 from pipelines.toy_prompts import STYLE_TEMPLATE, heldout_prompts, train_prompts
 from pipelines.toy_sampling import EVAL_SETTINGS, measure_base
+from prefopt_core.timestep_weights import CALIBRATION_KEY
+from ray_jobs.timestep_report import CALIBRATION_FILE
 
 logger = logging.getLogger("benchmarks.toy_style")
 
@@ -55,21 +65,62 @@ README_START = "<!-- toy-style:start -->"
 README_END = "<!-- toy-style:end -->"
 FIGURE = "adoption_vs_fidelity.png"
 GRID = "samples.png"
+IMBALANCE = "timestep_imbalance.png"
 
 
 def train_all(workdir: Path, base_dir: Path, methods: tuple[Method, ...], budget: Budget) -> dict[str, dict]:
-    """Every method x training seed; keys ``<method>_s<seed>``."""
-    trained = {}
+    """Every method x training seed; keys ``<method>_s<seed>``. A ``calibrated`` method trains with the
+    calibration of the seed-0 ``CALIBRATION_METHOD`` run (trained earlier: ``methods`` is in ``METHODS``
+    order)."""
+    trained: dict[str, dict] = {}
     for method in methods:
         hp, _ = hyperparameters(method)
+        extra = (
+            (f"{CALIBRATION_KEY}={calibration_file(workdir, trained, budget)}",)
+            if method.needs_calibration
+            else ()
+        )
         for seed in budget.train_seeds:
             logger.info(
                 "testbed: training %s (seed %d, lr %g, beta %s)", method.name, seed, hp["lr"], hp["beta"]
             )
             trained[f"{method.name}_s{seed}"] = runs.train(
-                workdir, base_dir, method, seed, budget, hparams=hp
+                workdir, base_dir, method, seed, budget, hparams=hp, extra=extra
             )
     return trained
+
+
+def calibration_file(workdir: Path, trained: dict[str, dict], budget: Budget) -> Path:
+    """``<workdir>/timestep_calibration.json`` from the seed-0 ``CALIBRATION_METHOD`` run, as
+    ``prefopt timesteps CONFIG --calibrate RUN_ID --out PATH`` writes it (once)."""
+    from prefopt_core.storage import Location
+    from ray_jobs.timestep_report import calibrate_from_run
+
+    path = workdir / CALIBRATION_FILE
+    if not path.is_file():
+        run = trained[f"{CALIBRATION_METHOD}_s{budget.train_seeds[0]}"]
+        uri = runs.run_config(workdir, "calibration", Path(".")).tracking.uri
+        calibrate_from_run(uri, run["run_id"], Location(str(path)))
+    return path
+
+
+def imbalance_figure(workdir: Path, trained: dict[str, dict], budget: Budget, out_dir: Path) -> Path | None:
+    """Rethinking DPO's Fig. 2 on prefopt's runs: the seed-0 ``CALIBRATION_METHOD`` run (flow matching, the toy
+    SD3) beside the same method on a tiny SD1.5-family model (DDPM), per metric bin; None if that method did
+    not run."""
+    key = f"{CALIBRATION_METHOD}_s{budget.train_seeds[0]}"
+    if key not in trained:
+        return None
+    method = select_methods((CALIBRATION_METHOD,))[0]
+    ddpm = runs.ddpm_counterpart(workdir, method, budget.train_seeds[0], budget, hyperparameters(method)[0])
+    uri = runs.run_config(workdir, "imbalance", Path(".")).tracking.uri
+    return plot_imbalance(
+        {
+            "flow matching (toy SD3)": run_bin_metrics(uri, trained[key]["run_id"]),
+            "DDPM (tiny SD1.5, random weights)": run_bin_metrics(uri, ddpm["run_id"]),
+        },
+        out_dir / IMBALANCE,
+    )
 
 
 def summarise(methods: tuple[Method, ...], budget: Budget, ev: dict, trained: dict[str, dict]):
@@ -116,6 +167,7 @@ def results_text(text_parts: dict, pictures_prefix: str = "") -> str:
             "",
             *text_parts["verdicts"],
             "",
+            *lambda_section(text_parts, pictures_prefix),
             f"![adoption vs fidelity]({pictures_prefix}{FIGURE})",
             "",
             f"Samples (rows: held-out prompts x seeds; columns: the base, then every method's seed-0 run): "
@@ -124,6 +176,24 @@ def results_text(text_parts: dict, pictures_prefix: str = "") -> str:
         ]
     )
     return text
+
+
+def lambda_section(text_parts: dict, pictures_prefix: str) -> list[str]:
+    """The λ(t)-on-flow-matching lines (issue 16): the variant verdicts, the SD3 default they choose and the
+    imbalance figure; empty when no variant ran."""
+    lines = list(text_parts.get("lambda_verdicts", []))
+    if not lines:
+        return []
+    out = ["λ(t) on flow matching (setting B; same rule; rows `λ = ...` above):", "", *lines, ""]
+    if text_parts["info"].get("imbalance"):
+        out += [
+            "Timestep imbalance (Rethinking DPO's Fig. 2 on prefopt's runs: per metric bin, bin 0 the least "
+            f"noisy; {CALIBRATION_METHOD} seed 0 on the toy SD3 beside the same method on a tiny SD1.5):",
+            "",
+            f"![timestep imbalance]({pictures_prefix}{IMBALANCE})",
+            "",
+        ]
+    return out
 
 
 def update_readme(text: str, readme: Path = REPO / "README.md") -> None:
@@ -141,7 +211,8 @@ def update_readme(text: str, readme: Path = REPO / "README.md") -> None:
 
 
 def pictures(workdir: Path, base_dir: Path, methods, budget, stats, base, trained, ev, out_dir: Path) -> dict:
-    """The figure and the sample grid under ``out_dir``, both logged as artifacts of the eval run."""
+    """The figures and the sample grid under ``out_dir``, each logged as an artifact of the eval run:
+    adoption vs fidelity, the samples, and the timestep imbalance (when ``CALIBRATION_METHOD`` ran)."""
     from ray_jobs import tracking
 
     figure = adoption_vs_fidelity(methods, stats, base, out_dir / FIGURE)
@@ -149,10 +220,12 @@ def pictures(workdir: Path, base_dir: Path, methods, budget, stats, base, traine
     grid_eval = runs.evaluate(workdir, base_dir, seed0, heldout_prompts()[:4], 2, name="grid")
     grid = out_dir / GRID
     shutil.copyfile(grid_eval["grid"], grid)
+    imbalance = imbalance_figure(workdir, trained, budget, out_dir)
     uri = runs.run_config(workdir, "eval", base_dir).tracking.uri
-    for path in (figure, grid):
-        tracking.log_artifact(uri, ev["mlflow_run_id"], path, "testbed")
-    return {"figure": str(figure), "grid": str(grid)}
+    for path in (figure, grid, imbalance):
+        if path is not None:
+            tracking.log_artifact(uri, ev["mlflow_run_id"], path, "testbed")
+    return {"figure": str(figure), "grid": str(grid), "imbalance": str(imbalance) if imbalance else None}
 
 
 def run_testbed(
@@ -190,12 +263,14 @@ def run_testbed(
         "pairs_per_step": budget.pairs_per_step,
         "train_seeds": budget.train_seeds,
         "eval_seeds": budget.eval_seeds,
+        "imbalance": pics["imbalance"] is not None,
     }
     sources = {m.name: hyperparameters(m)[1] for m in chosen}
     parts = {
         "info": info,
         "table": results_table(chosen, stats, base, sources),
         "verdicts": verdict_lines(stats),
+        "lambda_verdicts": lambda_verdict_lines(stats),
     }
     text = results_text(parts)
     (out_dir / "results.md").write_text(text)

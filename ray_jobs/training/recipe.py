@@ -275,23 +275,24 @@ class WorkerRecipe:
         progress = self._progress()
         pending: list[tuple[int, dict[str, Any]]] = []
         last: dict[str, float] = {}
+        pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
+        last_step_end = time.perf_counter()
         while self.state.step < cfg.train.max_steps:
-            t0 = time.perf_counter()
             sums, data_s = self._optimizer_step(batches)
             self.state.step += 1
             self._maybe_inject_fault()
             ref_metrics = self.refs.on_optimizer_step(self.state.step, self.engine)  # every rank (collective)
-            # host time: on a GPU the step's kernels may still run; a window's mean is exact at the flush
-            step_time = time.perf_counter() - t0
-            pairs = cfg.train.batch_size * cfg.train.grad_accum * self.world
             host = {
                 **ref_metrics,  # identical on every rank: no reduction
                 **self.ctx.policy_step(self.state.step, publish),  # every rank (may gather weights)
                 "lr": self.scheduler.get_last_lr()[0],
-                "pairs_per_s": pairs / step_time,
-                "time/step_s": step_time,
-                "time/data_s": data_s,
             }
+            # wall time since the previous step ended: this step plus the previous one's logging, eval and
+            # checkpoint, so pairs/s is what the run delivers (host time: on a GPU the step's kernels may
+            # still run; a window's mean is exact at the flush)
+            now = time.perf_counter()
+            step_time, last_step_end = now - last_step_end, now
+            host.update({"pairs_per_s": pairs / step_time, "time/step_s": step_time, "time/data_s": data_s})
             grad_norm = self.engine.get_global_grad_norm()  # a device tensor or a float: no sync here
             if grad_norm is not None:
                 sums = {**sums, "grad_norm": torch.as_tensor(grad_norm)}
