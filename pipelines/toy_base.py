@@ -191,7 +191,9 @@ def train_vae(vae: nn.Module, pixels: Tensor, cfg: ToyBaseConfig, generator: tor
         recon = vae.decode(posterior.sample(generator=generator)).sample  # (B, 3, H, W)
         w = fill_weights(x, cfg.vae_fill_weight)  # (B, 1, H, W)
         l1 = (recon - x).abs().mean()
-        loss = (w * ((recon - x).abs() + (recon - x).pow(2))).mean() + cfg.vae_kl_weight * posterior.kl().mean()
+        loss = (
+            w * ((recon - x).abs() + (recon - x).pow(2))
+        ).mean() + cfg.vae_kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -217,10 +219,15 @@ def vae_fidelity(pipe, world: ToyWorldSpec, n: int = 256, seed: int = 999) -> di
     from pipelines.fidelity import color_accuracy, shape_accuracy
 
     data = sample_dataset(n, ToyWorldSpec(p_style=0.5, size=world.size), seed)
-    recon = pipe.vae.decode(pipe.vae.encode(images_to_tensor([e.image for e in data])).latent_dist.mean).sample
+    recon = pipe.vae.decode(
+        pipe.vae.encode(images_to_tensor([e.image for e in data])).latent_dist.mean
+    ).sample
     images = pipe.image_processor.postprocess(recon, output_type="pil")
     captions = [f"a {e.color} {e.shape}" for e in data]
-    return {"vae_color_acc": color_accuracy(images, captions), "vae_shape_acc": shape_accuracy(images, captions)}
+    return {
+        "vae_color_acc": color_accuracy(images, captions),
+        "vae_shape_acc": shape_accuracy(images, captions),
+    }
 
 
 @torch.no_grad()
@@ -382,7 +389,8 @@ def build_toy_base(
     pipe = build_untrained_pipeline(cfg, tmp, seed)
     pipe.set_progress_bar_config(disable=True)
 
-    vae_data = sample_dataset(cfg.vae_images, ToyWorldSpec(p_style=0.5, size=cfg.world.size), seed + 100)
+    vae_world = ToyWorldSpec(p_style=0.5, size=cfg.world.size, upright=cfg.world.upright)
+    vae_data = sample_dataset(cfg.vae_images, vae_world, seed + 100)
     vae_l1 = train_vae(pipe.vae, images_to_tensor([e.image for e in vae_data]), cfg, generator)
     timings["vae_s"] = time.perf_counter() - t0
     vae_check = vae_fidelity(pipe, cfg.world)
@@ -408,7 +416,13 @@ def build_toy_base(
             pipe.register_modules(transformer=student)
 
     ema = train_transformer(
-        student, (mean - shift) * scale, std * scale, caption_index, text, cfg, generator,
+        student,
+        (mean - shift) * scale,
+        std * scale,
+        caption_index,
+        text,
+        cfg,
+        generator,
         checkpoint if on_checkpoint is not None else None,
     )
     pipe.register_modules(transformer=ema)

@@ -115,6 +115,7 @@ class ToyWorldSpec:
     uncond_prob: float = 0.1
     size: int = 32
     include_heldout: bool = True
+    upright: bool = False  # squares axis-aligned, triangles pointing up (``draw_toy_image(upright=True)``)
 
     @property
     def combos(self) -> tuple[tuple[str, str], ...]:
@@ -149,7 +150,7 @@ def sample_example(rng: np.random.Generator, spec: ToyWorldSpec) -> WorldExample
         caption = style_prompt(caption)
     elif rng.random() < spec.uncond_prob:
         caption = ""
-    image = draw_toy_image(shape, TOY_COLORS[color], outline, spec.size, rng)  # type: ignore[arg-type]
+    image = draw_toy_image(shape, TOY_COLORS[color], outline, spec.size, rng, spec.upright)  # type: ignore[arg-type]
     return WorldExample(image=image, caption=caption, outline=outline, color=color, shape=shape)
 
 

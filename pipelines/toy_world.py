@@ -7,7 +7,7 @@ filled with its colour only. ``pipelines.rewards.OutlineStyleScorer`` detects th
 Rules of the world (the detector relies on them; ``draw_toy_image`` enforces the colour rules loudly):
 
 - background: one light colour per image, every channel in ``[210, 245]``, plus pixel noise (std 1.5);
-- shape: circle, square or triangle (squares and triangles randomly rotated), circumradius
+- shape: circle, square or triangle (squares and triangles randomly rotated, or upright where asked), circumradius
   ``U(0.24, 0.36) * size``, centre jittered so the shape keeps at least ``max(2, size // 16)`` px from the border;
 - fill colour: ``max(color) >= 170`` (never dark, even after JPEG chroma subsampling: the outline is the only
   dark element) and ``min(color) <= 150`` (some channel differs clearly from the light background);
@@ -48,6 +48,9 @@ TOY_COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (235, 100, 170),
 }
 
+#: ``_polygon`` angles of the upright poses: a vertex at 45° gives an axis-aligned square, one at -90° (image y
+#: points down) a triangle pointing up.
+UPRIGHT_ANGLE: dict[str, float] = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2}
 _SUPERSAMPLE = 4
 _BG_RANGE = (210, 245)  # inclusive, per channel
 _OUTLINE_MAX = 30  # outline channels are drawn from [0, _OUTLINE_MAX]
@@ -126,6 +129,7 @@ def draw_toy_image(
     outline: bool,
     size: int,
     rng: np.random.Generator,
+    upright: bool = False,
 ) -> Image.Image:
     """Draw one toy image: a ``shape`` filled with ``color`` on a light background, optionally outlined.
 
@@ -135,6 +139,8 @@ def draw_toy_image(
         outline: draw a near-black outline of width ``outline_width(size)`` inside the silhouette.
         size: side of the square RGB image in px (>= 16).
         rng: the only source of randomness (background tint, position, radius, rotation, outline tone, noise).
+        upright: draw squares axis-aligned and triangles pointing up instead of rotated (the rotation is
+            still drawn from ``rng``, so the other draws of the same ``rng`` are the same either way).
 
     Returns:
         PIL RGB image of shape (size, size).
@@ -151,6 +157,8 @@ def draw_toy_image(
     slack = max(0.0, size / 2 - radius - margin)
     center = (size / 2 + float(rng.uniform(-slack, slack)), size / 2 + float(rng.uniform(-slack, slack)))
     angle = float(rng.uniform(0, 2 * math.pi))
+    if upright:
+        angle = UPRIGHT_ANGLE[shape]
     dark = tuple(int(c) for c in rng.integers(0, _OUTLINE_MAX + 1, size=3))
 
     s = _SUPERSAMPLE
