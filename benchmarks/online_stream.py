@@ -1,7 +1,6 @@
 """The ``online`` benchmark row: streaming vs round-based online training on the toy base.
 
-Both arms start from the same toy base (``benchmarks.toy_style.base``, built once under the benchmark
-workdir), sample the same toy-world prompts with the same scorer, make the same number of optimizer steps
+Both arms start from the same toy base (the shipped one, ``pipelines.toy_base_asset.shipped_base``), sample the same toy-world prompts with the same scorer, make the same number of optimizer steps
 on the same number of pairs, with the same Ray (same CPUs): ``ROUNDS`` rounds of ``STEPS_PER_ROUND`` steps
 on ``PROMPTS`` fresh prompts each (rounds: one pass over each round's pairs) vs one streaming run of
 ``ROUNDS * STEPS_PER_ROUND`` steps fed by one rollout actor. Reported, interleaved over the size's repeats:
@@ -69,10 +68,10 @@ def final_reward(summary: dict[str, Any]) -> float:
 
 def bench_online(ctx) -> list[Row]:
     """Streaming vs rounds: wall time and final held-out reward, side by side in one run."""
-    from benchmarks.toy_style.base import build_toy_base
+    from pipelines.toy_base_asset import shipped_base
     from ray_jobs.online_loop import run_online
 
-    base = ctx.memo("toy_base", lambda: build_toy_base(ctx.workdir / "models" / "toy_base", seed=0))
+    base = shipped_base()
     walls: dict[str, list[float]] = {"streaming": [], "rounds": []}
     rewards: dict[str, list[float]] = {"streaming": [], "rounds": []}
     for r, arm in interleaved(["streaming", "rounds"], ctx.size.repeats):

@@ -87,8 +87,8 @@ def test_results_table_rows_by_hand():
 
 
 def test_methods_cover_both_settings_and_unknown_names_fail():
-    """Setting B: 7 methods (SFT, DPO, TA only, δ = ∞, δ, Rethinking, MaPO) and a Rethinking and a TA-only row
-    per λ(t) variant; setting A: SFT, DPO, MaPO."""
+    """Setting B: 7 methods (SFT, DPO, TA only, δ = ∞, δ, Rethinking, MaPO) and a Rethinking row per λ(t)
+    variant; setting A: SFT, DPO, MaPO."""
     assert [m.name for m in METHODS] == [
         "B_sft",
         "B_dpo",
@@ -98,11 +98,8 @@ def test_methods_cover_both_settings_and_unknown_names_fail():
         "B_rethinking",
         "B_mapo",
         "B_rethinking_ddpm",
-        "B_dpo_ta_ddpm",
         "B_rethinking_logsnr",
-        "B_dpo_ta_logsnr",
         "B_rethinking_cal",
-        "B_dpo_ta_cal",
         "A_sft",
         "A_dpo",
         "A_mapo",
@@ -116,7 +113,7 @@ def test_methods_cover_both_settings_and_unknown_names_fail():
 
 def test_lambda_variants_differ_from_their_row_in_lambda_only():
     """``B_rethinking_logsnr`` = ``B_rethinking`` with ``loss.timestep_weight=log_snr`` in place of
-    ``inv_sqrt_snr``, and it takes ``B_rethinking``'s swept lr and β."""
+    ``inv_sqrt_snr``, and both take ``B_dpo``'s swept lr and β."""
     by_name = {m.name: m for m in METHODS}
     variant, row = by_name["B_rethinking_logsnr"], by_name["B_rethinking"]
     swapped = tuple(
@@ -124,15 +121,18 @@ def test_lambda_variants_differ_from_their_row_in_lambda_only():
         for o in row.overrides
     )
     assert variant.overrides == swapped
-    assert variant.hparams_of == "B_rethinking"
+    assert variant.hparams_of == row.hparams_of == "B_dpo"
 
 
-def test_variant_takes_the_swept_hyperparameters_of_its_row(tmp_path):
-    """A sweep file choosing lr 3e-5, β 2000 for B_dpo_ta gives B_dpo_ta_ddpm the same, labelled as borrowed."""
+def test_setting_b_dpo_rows_take_the_swept_dpo_hyperparameters(tmp_path):
+    """A sweep file choosing lr 3e-5, β 2000 for B_dpo gives B_rethinking_ddpm the same, labelled as borrowed;
+    the sweep itself tunes only the rows without ``hparams_of``: SFT, DPO, MaPO per setting."""
     sweep = tmp_path / "sweep.json"
-    sweep.write_text('{"chosen": {"B_dpo_ta": {"lr": 3e-5, "beta": 2000.0}}}')
-    variant = select_methods(("B_dpo_ta_ddpm",))[0]
-    assert hyperparameters(variant, sweep) == ({"lr": 3e-5, "beta": 2000.0}, "sweep (as B_dpo_ta)")
+    sweep.write_text('{"chosen": {"B_dpo": {"lr": 3e-5, "beta": 2000.0}}}')
+    variant = select_methods(("B_rethinking_ddpm",))[0]
+    assert hyperparameters(variant, sweep) == ({"lr": 3e-5, "beta": 2000.0}, "sweep (as B_dpo)")
+    swept = [m.name for m in METHODS if m.hparams_of is None]
+    assert swept == ["B_sft", "B_dpo", "B_mapo", "A_sft", "A_dpo", "A_mapo"]
 
 
 def test_calibrated_method_without_its_calibration_run_fails():

@@ -12,10 +12,11 @@ Every method trains with the same budget (``Budget``: optimizer steps x pairs pe
 and β come from the committed sweep (``SWEEP_FILE``, written by ``python -m benchmarks.toy_style.sweep``) and
 fall back to ``DEFAULT_HPARAMS`` for a method the sweep has not covered (the report says which).
 
-The λ(t) variants (``LAMBDA_VARIANTS``: the flow-matching forms of ``prefopt_core.timestep_weights`` beside the
-paper's ``inv_sqrt_snr``) add a Rethinking-DPO row and a timestep-aware-only row each to setting B. They are not
-swept: each uses the learning rate and β chosen for its ``inv_sqrt_snr`` row (``Method.hparams_of``), so the
-rows differ in λ(t) only. The ``calibrated`` variant reads the per-bin |reward margin| of the seed-0
+The sweep tunes one row per loss and setting (SFT, DPO, MaPO in A and B). The other setting-B DPO rows -- TA
+only, periodic reference with δ = ∞ and with δ, Rethinking DPO and its λ(t) variants -- use ``B_dpo``'s choice
+(``Method.hparams_of``), so each differs from Diffusion-DPO in the component under test only. The λ(t) variants
+(``LAMBDA_VARIANTS``: the flow-matching forms of ``prefopt_core.timestep_weights`` beside the paper's
+``inv_sqrt_snr``) add one Rethinking-DPO row each to setting B. The ``calibrated`` variant reads the per-bin |reward margin| of the seed-0
 ``CALIBRATION_METHOD`` run (periodic reference + δ, uniform λ: the strategy the paper measures its imbalance
 under), written by the testbed as ``prefopt timesteps --calibrate`` does.
 """
@@ -49,6 +50,9 @@ LAMBDA_VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("logsnr", "log_snr", "min-max log-SNR"),
     ("cal", "calibrated", "calibrated per bin"),
 )
+#: The swept method whose lr and β every other setting-B DPO row uses: the rows of claims (a)-(c) and the λ
+#: variants then differ in the component under test only.
+SWEPT_DPO = "B_dpo"
 #: The run whose per-bin |margin| calibrates ``calibrated`` (its seed-0 run; trained before the variants).
 CALIBRATION_METHOD = "B_dpo_ref_delta"
 _PERIODIC = ("reference.strategy=periodic", "reference.tau=25")
@@ -94,6 +98,7 @@ def _methods(setting: Setting) -> tuple[Method, ...]:
             setting,
             "dpo",
             ("loss.name=dpo", "reference.strategy=frozen", *_ta()),
+            hparams_of=SWEPT_DPO,
         ),
         Method(
             "dpo_ref_inf",
@@ -101,6 +106,7 @@ def _methods(setting: Setting) -> tuple[Method, ...]:
             setting,
             "dpo",
             ("loss.name=dpo", *_PERIODIC, "reference.delta=inf"),
+            hparams_of=SWEPT_DPO,
         ),
         Method(
             "dpo_ref_delta",
@@ -108,6 +114,7 @@ def _methods(setting: Setting) -> tuple[Method, ...]:
             setting,
             "dpo",
             ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}"),
+            hparams_of=SWEPT_DPO,
         ),
         Method(
             "rethinking",
@@ -115,6 +122,7 @@ def _methods(setting: Setting) -> tuple[Method, ...]:
             setting,
             "dpo",
             ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}", *_ta()),
+            hparams_of=SWEPT_DPO,
         ),
         mapo,
         *_lambda_variants(),
@@ -122,30 +130,18 @@ def _methods(setting: Setting) -> tuple[Method, ...]:
 
 
 def _lambda_variants() -> tuple[Method, ...]:
-    """Setting B rows of issue-16's λ(t) variants: Rethinking DPO and timestep-aware only, per variant."""
-    rows = []
-    for suffix, weight, label in LAMBDA_VARIANTS:
-        rows.append(
-            Method(
-                f"rethinking_{suffix}",
-                f"Rethinking DPO, λ = {label}",
-                "B",
-                "dpo",
-                ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}", *_ta(weight)),
-                hparams_of="B_rethinking",
-            )
+    """Setting B rows of issue-16's λ(t) variants: Rethinking DPO with each variant."""
+    return tuple(
+        Method(
+            f"rethinking_{suffix}",
+            f"Rethinking DPO, λ = {label}",
+            "B",
+            "dpo",
+            ("loss.name=dpo", *_PERIODIC, f"reference.delta={DELTA}", *_ta(weight)),
+            hparams_of=SWEPT_DPO,
         )
-        rows.append(
-            Method(
-                f"dpo_ta_{suffix}",
-                f"DPO + timestep-aware only, λ = {label}",
-                "B",
-                "dpo",
-                ("loss.name=dpo", "reference.strategy=frozen", *_ta(weight)),
-                hparams_of="B_dpo_ta",
-            )
-        )
-    return tuple(rows)
+        for suffix, weight, label in LAMBDA_VARIANTS
+    )
 
 
 METHODS: tuple[Method, ...] = (*_methods("B"), *_methods("A"))

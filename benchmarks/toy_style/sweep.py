@@ -2,7 +2,8 @@
 
     python -m benchmarks.toy_style.sweep [--workdir DIR] [--methods B_dpo ...]
 
-For every method, every (lr, β) of its loss's grid (``methods.SWEEP_GRID``) is trained once (training seed 0,
+For every method that takes no other row's choice (``Method.hparams_of`` unset: SFT, DPO and MaPO of each
+setting), every (lr, β) of its loss's grid (``methods.SWEEP_GRID``) is trained once (training seed 0,
 the testbed's budget, the testbed's preference data from the training prompts) and evaluated on the
 *validation* prompts (``pipelines.toy_prompts.validation_prompts``: neither training nor held-out) x 16 seeds.
 Choice: the highest style adoption among the candidates whose fidelity (mean of colour and shape accuracy) is
