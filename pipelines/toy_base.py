@@ -83,14 +83,16 @@ class ToyBaseConfig:
     vae_fill_weight: float = 5.0
     # transformer training
     train_images: int = 8192
-    steps: int = 8000
+    steps: int = 12000
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 200
     lr_schedule: str = "constant"  # "constant" or "cosine" (to 10 %) after the warm-up
     ema_decay: float = 0.999
     checkpoint_every: int = 1000
-    world: ToyWorldSpec = field(default_factory=ToyWorldSpec)
+    # upright squares and triangles: measured on 8 held-out prompts x 8 seeds (guidance 2.5) after 4000 steps,
+    # shape accuracy 0.70 upright vs 0.30 with random rotations (0.36 after 7000 steps)
+    world: ToyWorldSpec = field(default_factory=lambda: ToyWorldSpec(upright=True))
 
 
 def images_to_tensor(images: Sequence[Image.Image]) -> Tensor:
@@ -451,7 +453,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", choices=["build"])
     parser.add_argument("out", type=Path, help="directory to write the pipeline to")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the float summation order, and so the weights, of the shipped build)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = build_toy_base(args.out, seed=args.seed, overwrite=True)
     logger.info("manifest: %s", write_manifest(out, args.seed))

@@ -180,3 +180,26 @@ def test_zero3_reference_updates_after_probe_forwards(tmp_path, tiny_sd3, cache8
     run_recipe(recipe)
     assert ctx.reports[-1]["step"] == 4
     assert ctx.reports[-1]["ref/updates"] == 2
+
+
+def test_step_time_includes_the_previous_steps_logging(
+    tmp_path, tiny_sd3, cache8, process_group, monkeypatch
+):
+    """``time/step_s`` is the wall time since the previous step ended, so it carries that step's metric flush:
+    with ``log_every=1`` and a flush made 0.3 s slower, steps 2 and 3 each log >= 0.3 s. (A timer around the
+    optimizer step alone would not see it, and pairs/s would overstate what the run delivers.)"""
+    import time
+
+    slow = 0.3
+    original = WorkerRecipe._flush
+
+    def slow_flush(self, *args, **kwargs):
+        time.sleep(slow)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WorkerRecipe, "_flush", slow_flush)
+    recipe, _ = _recipe(tmp_path, tiny_sd3, cache8, ["train.max_steps=3", "train.log_every=1"])
+    run_recipe(recipe)
+    steps = history(recipe.inputs.tracking_uri, recipe.inputs.run_id, "time/step_s")
+    assert [s for s, _ in steps] == [1, 2, 3]
+    assert all(v >= slow for _, v in steps[1:]), steps
