@@ -90,11 +90,8 @@ def test_the_shipped_base_draws_the_colour_it_is_asked(reduced_sample):
     assert EVAL_SETTINGS.max_sequence_length == 16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped base draws circles but not yet reliably squares and triangles (shape accuracy ~0.3 on "
-    "held-out prompts, bar 0.85); a longer build of the same recipe is the fix — drop this marker when it passes",
-)
 def test_the_shipped_base_draws_the_shape_it_is_asked(reduced_sample):
-    """Reduced bar for shape (full bar 0.85): >= 0.70 on the 32 plain samples; blobs score near 0."""
+    """Reduced bar for shape (full bar 0.85, the shipped base measures 0.875 on 256 samples): >= 0.70 on the 32
+    plain samples, about two binomial standard deviations below; blobs score near 0 (the rotated-shape base
+    that preceded it: 0.35 on 256)."""
     assert reduced_sample["plain_shape_acc"] >= 0.70, reduced_sample
