@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    MMAP_THRESHOLD_BYTES,
     Row,
     count_flops,
     cuda_sync,
@@ -59,6 +60,7 @@ from benchmarks.common import (
     memory_report,
     paired_ratio,
     reset_peak_rss,
+    return_freed_memory,
     run_isolated,
     time_steps,
     torch_threads,
@@ -691,16 +693,25 @@ def reporting_train_loop(loop_config: dict[str, Any]) -> None:
     out.write_text(json.dumps(report))
 
 
-def ray_training_run(cfg) -> dict[str, Any]:
-    """``run_training(cfg)`` (``prefopt train``) in this Ray session; returns its step times from MLflow
-    (``time/step_s`` per optimizer step), the workers' memory reports and the wall time."""
+def memory_train_loop(loop_config: dict[str, Any]) -> None:
+    """:func:`reporting_train_loop` in a worker whose RSS follows its live allocations
+    (:func:`benchmarks.common.return_freed_memory`): for the memory comparisons, whose arms allocate and free
+    differently (ZeRO-3 gathers and releases weights every layer)."""
+    return_freed_memory()
+    reporting_train_loop(loop_config)
+
+
+def ray_training_run(cfg, loop: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``run_training(cfg)`` (``prefopt train``) in this Ray session, its workers running ``loop`` (default
+    :func:`reporting_train_loop`); returns its step times from MLflow (``time/step_s`` per optimizer step),
+    the workers' memory reports and the wall time."""
     from mlflow.tracking import MlflowClient
 
     from ray_jobs.training.driver import run_training
 
     shutil.rmtree(cfg.workdir, ignore_errors=True)
     t0 = time.perf_counter()
-    with workers_run(reporting_train_loop):
+    with workers_run(loop or reporting_train_loop):
         summary = run_training(cfg)
     wall = time.perf_counter() - t0
     if summary.mlflow_run_id is None:
@@ -973,7 +984,7 @@ def bench_train_overhead(ctx: Context) -> list[Row]:
     achieved = flops["dpo_step"] / median(ray_s)
     return [
         Row(
-            "`prefopt train` (Ray Train + DeepSpeed ZeRO-2, 1 worker) vs bare PyTorch loop",
+            "`prefopt train` (Ray Train + DeepSpeed, 1 worker) vs bare PyTorch loop",
             "prefopt train",
             "bare loop",
             median(ray_s),
@@ -981,7 +992,8 @@ def bench_train_overhead(ctx: Context) -> list[Row]:
             "s/step",
             ratio=paired_ratio(ray_s, bare_s),
             higher_is_better=False,
-            notes=f"same model, DPO loss, live reference, AdamW, clipping, batch {s.batch_size}; "
+            notes=f"same model, DPO loss, live reference, AdamW, clipping, batch {s.batch_size}; train.zero_stage=2, "
+            "which one worker runs as stage 0 (`policy_stage`); "
             f"`time/step_s` from MLflow (steps after {s.warmup} warm-up) vs the same span in a fresh process; "
             f"worker torch threads {sorted(threads_seen)} vs {ctx.threads}; run wall time incl. start-up "
             f"{fmt(median(walls))} s for {s.warmup + s.steps} steps; {s.repeats} repeat(s)",
@@ -1021,7 +1033,7 @@ def bench_zero_memory(ctx: Context) -> list[Row]:
             f"train.zero_stage={stages[arm]}",
             f"train.max_steps={s.zero_steps}",
         )
-        workers = ray_training_run(cfg)["workers"]
+        workers = ray_training_run(cfg, memory_train_loop)["workers"]
         train_delta[arm].append(sum(w["delta_mib"] for w in workers) / len(workers))
         setup_delta[arm].append(sum(w["setup_delta_mib"] for w in workers) / len(workers))
         logger.info(
@@ -1054,10 +1066,10 @@ def bench_zero_memory(ctx: Context) -> list[Row]:
                 f"model states alone: {fmt(params * ideal[arm] / 2**20)} vs "
                 f"{fmt(params * ideal['dp'] / 2**20)} MiB (ratio {ideal[arm] / ideal['dp']:.2f}); peak "
                 f"through setup (load, partition): {fmt(median(setup_delta[arm]))} vs "
-                f"{fmt(median(setup_delta['dp']))} MiB; at this size DeepSpeed's default buffers (reduce "
-                "bucket 5e8, stage-3 prefetch 5e7, max live/reuse 1e9 elements: more than the model, so "
-                "ZeRO-3 keeps gathered weights from forward to backward) can outweigh what partitioning "
-                f"saves; mean of the 2 workers; {s.zero_steps} steps, {s.repeats} repeat(s)",
+                f"{fmt(median(setup_delta['dp']))} MiB; DeepSpeed buffers sized to the model "
+                "(`ray_jobs.training.deepspeed_config`); workers' RSS follows live allocations (glibc mmap "
+                f"threshold {MMAP_THRESHOLD_BYTES // 1024} KiB, as a GPU's max allocated would); mean of the 2 "
+                f"workers; {s.zero_steps} steps, {s.repeats} repeat(s)",
             )
         )
     return rows

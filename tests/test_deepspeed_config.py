@@ -13,6 +13,7 @@ from ray_jobs.training.deepspeed_config import (
     denoiser_config,
     ds_config,
     hidden_size,
+    policy_stage,
     sized_zero,
     validate_deepspeed,
 )
@@ -93,3 +94,21 @@ def test_a_key_prefopt_owns_points_to_the_prefopt_key():
 def test_valid_mapping_passes_and_is_merged():
     cfg = load_config(None, ["train.deepspeed={zero_optimization: {overlap_comm: false}}"])
     assert validate_deepspeed(cfg)["zero_optimization"]["overlap_comm"] is False
+
+
+@pytest.mark.parametrize(
+    ("stage", "workers", "offload", "expected"),
+    [
+        (2, 1, False, 0),  # one rank: the partition is everything, so ZeRO-2 saves nothing
+        (1, 1, False, 0),
+        (2, 2, False, 2),  # two ranks partition
+        (2, 1, True, 2),  # optimizer offload needs ZeRO
+        (3, 1, False, 3),  # stage 3 keeps its own paths
+        (0, 1, False, 0),
+    ],
+)
+def test_policy_stage_on_one_worker(stage, workers, offload, expected):
+    overrides = [f"train.zero_stage={stage}", f"train.offload_optimizer={str(offload).lower()}"]
+    cfg = load_config(None, overrides)
+    assert policy_stage(cfg, workers) == expected
+    assert ds_config(cfg, workers)["zero_optimization"]["stage"] == expected

@@ -170,7 +170,7 @@ class Budget:
     samples_per_prompt_b: int = 32  # setting B: pairs drawn per training prompt (~25 % are not ties)
     max_steps: int = 120
     batch_size: int = 4  # pairs per worker per step (2 workers)
-    eval_seeds: int = 32
+    eval_seeds: int = 16
     train_seeds: tuple[int, ...] = (0, 1, 2)
 
     @property

@@ -60,7 +60,12 @@ class WorkerRecipe:
 
         from prefopt_core.models.registry import adapter_for
         from prefopt_core.objective import PreferenceObjective
-        from ray_jobs.training.deepspeed_config import ds_config, patch_deepspeed_for_cpu, size_of
+        from ray_jobs.training.deepspeed_config import (
+            ds_config,
+            patch_deepspeed_for_cpu,
+            policy_stage,
+            size_of,
+        )
         from ray_jobs.training.lora import add_lora
         from ray_jobs.training.optim import build_optimizer
 
@@ -85,6 +90,11 @@ class WorkerRecipe:
             lr_scheduler=scheduler,
             config=ds_config(cfg, self.world, size=self.model_size),
         )
+        if policy_stage(cfg, self.world) != cfg.train.zero_stage and self.rank == 0:
+            logger.info(
+                "train.zero_stage=%d on one worker partitions nothing: DeepSpeed runs stage 0",
+                cfg.train.zero_stage,
+            )
         self._zero3_engines = [self.engine] if cfg.train.zero_stage == 3 else []
         self.objective = PreferenceObjective.from_config(self.adapter, cfg)
         self.refs = self._reference_manager()
