@@ -139,25 +139,6 @@ def reset_peak_rss() -> bool:
     return True
 
 
-#: glibc ``mallopt`` parameter numbers (malloc.h).
-_M_MMAP_THRESHOLD = -3
-#: Allocations from this size on get their own mapping, unmapped when freed.
-MMAP_THRESHOLD_BYTES = 64 * 1024
-
-
-def return_freed_memory() -> bool:
-    """Make this process's RSS follow its live allocations: glibc serves every allocation of at least
-    ``MMAP_THRESHOLD_BYTES`` from its own mapping and unmaps it when freed (a fixed threshold also stops glibc
-    raising it after frees, which would move large tensors onto the retained heap). The RSS peak then counts
-    what is allocated at once, as ``torch.cuda.max_memory_allocated`` does on a GPU, not what the allocator
-    kept after frees. Costs a page fault per fresh large tensor: for memory arms only, never timed ones.
-    Returns False where glibc is not available."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
-
-
 def memory_baseline(device: str = "cpu") -> float:
     """What :func:`memory_report` subtracts: current RSS (CPU) or allocated bytes (CUDA), MiB."""
     if device.startswith("cuda"):

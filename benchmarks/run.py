@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    MMAP_THRESHOLD_BYTES,
     Row,
     count_flops,
     cuda_sync,
@@ -60,7 +59,6 @@ from benchmarks.common import (
     memory_report,
     paired_ratio,
     reset_peak_rss,
-    return_freed_memory,
     run_isolated,
     time_steps,
     torch_threads,
@@ -693,14 +691,6 @@ def reporting_train_loop(loop_config: dict[str, Any]) -> None:
     out.write_text(json.dumps(report))
 
 
-def memory_train_loop(loop_config: dict[str, Any]) -> None:
-    """:func:`reporting_train_loop` in a worker whose RSS follows its live allocations
-    (:func:`benchmarks.common.return_freed_memory`): for the memory comparisons, whose arms allocate and free
-    differently (ZeRO-3 gathers and releases weights every layer)."""
-    return_freed_memory()
-    reporting_train_loop(loop_config)
-
-
 def ray_training_run(cfg, loop: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """``run_training(cfg)`` (``prefopt train``) in this Ray session, its workers running ``loop`` (default
     :func:`reporting_train_loop`); returns its step times from MLflow (``time/step_s`` per optimizer step),
@@ -1033,7 +1023,7 @@ def bench_zero_memory(ctx: Context) -> list[Row]:
             f"train.zero_stage={stages[arm]}",
             f"train.max_steps={s.zero_steps}",
         )
-        workers = ray_training_run(cfg, memory_train_loop)["workers"]
+        workers = ray_training_run(cfg)["workers"]
         train_delta[arm].append(sum(w["delta_mib"] for w in workers) / len(workers))
         setup_delta[arm].append(sum(w["setup_delta_mib"] for w in workers) / len(workers))
         logger.info(
@@ -1067,9 +1057,8 @@ def bench_zero_memory(ctx: Context) -> list[Row]:
                 f"{fmt(params * ideal['dp'] / 2**20)} MiB (ratio {ideal[arm] / ideal['dp']:.2f}); peak "
                 f"through setup (load, partition): {fmt(median(setup_delta[arm]))} vs "
                 f"{fmt(median(setup_delta['dp']))} MiB; DeepSpeed buffers sized to the model "
-                "(`ray_jobs.training.deepspeed_config`); workers' RSS follows live allocations (glibc mmap "
-                f"threshold {MMAP_THRESHOLD_BYTES // 1024} KiB, as a GPU's max allocated would); mean of the 2 "
-                f"workers; {s.zero_steps} steps, {s.repeats} repeat(s)",
+                "(`ray_jobs.training.deepspeed_config`); mean of the 2 workers; "
+                f"{s.zero_steps} steps, {s.repeats} repeat(s)",
             )
         )
     return rows

@@ -407,7 +407,8 @@ def test_build_scorer_builds_every_name(clip_dir: Path, head_path: Path) -> None
 
 def test_build_scorer_errors(tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"valid names: \['aesthetic', 'brightness', 'clip', 'color_accuracy', 'outline_style'"
+        ValueError,
+        match=r"valid names: \['aesthetic', 'brightness', 'clip', 'color_accuracy', 'outline_style'",
     ):
         build_scorer("hpsv2")
     with pytest.raises(ValueError, match=r"unknown keys \['model'\]; valid keys"):

@@ -110,7 +110,9 @@ def test_training_distribution_follows_the_spec():
 
 def test_strict_holdout_variant_never_shows_heldout_combinations():
     data = sample_dataset(500, ToyWorldSpec(include_heldout=False), seed=1)
-    assert {(e.color, e.shape) for e in data} == set(ALL_COMBOS) - set(HELDOUT_COMBOS)  # neither plain nor styled
+    assert {(e.color, e.shape) for e in data} == set(ALL_COMBOS) - set(
+        HELDOUT_COMBOS
+    )  # neither plain nor styled
 
 
 # ------------------------------------------------------------------------------------------------ colour check
