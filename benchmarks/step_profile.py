@@ -144,9 +144,11 @@ def bench_step_profile(ctx) -> list:
             "ms/step",
             ratio=dflt["total"] / one["total"],
             higher_is_better=False,
+            bold=False,  # one profiled run per arm, no repeats: a breakdown, not a comparison
             notes=f"metric flush {1000 * dflt[flush]:.1f} vs {1000 * one[flush]:.1f} ms/step; forward + loss "
             f"{100 * dflt['forward + loss (policy and reference)'] / dflt['total']:.0f} %, backward "
             f"{100 * dflt['backward (`engine.backward`)'] / dflt['total']:.0f} % of the default's step; "
-            f"whole breakdown in `benchmarks/step_profile.md`; {steps} steps incl. warm-up and checkpoint",
+            f"whole breakdown in `benchmarks/step_profile.md`; {steps} steps incl. warm-up and checkpoint; one "
+            "run per arm, so the ratio is within run-to-run noise",
         )
     ]

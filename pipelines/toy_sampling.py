@@ -26,7 +26,8 @@ class SamplerSettings:
     """How the testbed samples the base and its fine-tunes (the T5 window is the base's)."""
 
     num_inference_steps: int = 20
-    # Chosen on the shipped base (8 held-out prompts x 32 seeds, plain prompts): guidance 1.0 (no classifier-free
+    # Chosen on the shipped base (``measure_base`` with ``guidance_scale`` overridden; 8 held-out prompts x 32
+    # seeds, plain prompts, one sample each, so rates carry a binomial sd of ~0.02): guidance 1.0 (no classifier-free
     # guidance) is the only one that keeps the prior outline rate within the 0.15-0.35 the preference stage
     # needs (0.164; 1.25: 0.125, 1.5: 0.109, 2.5: 0.086), with colour accuracy 0.965 and shape accuracy 0.875
     # (guidance 2.5: 0.988 and 0.969). CFG sharpens colour and shape but suppresses the prior style.

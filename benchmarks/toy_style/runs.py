@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parents[2]
 EVAL_SCORERS = "[{name: outline_style}, {name: color_accuracy}, {name: shape_accuracy}]"
 
 
+def tracking_uri(workdir: Path) -> str:
+    """The MLflow store every stage of a testbed run shares: ``<workdir>/mlflow.db``."""
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
 def run_config(workdir: Path, name: str, base_dir: Path, *overrides: str) -> RunConfig:
     """The demo config pointed at ``base_dir`` with its own workdir, run name and the shared MLflow store."""
     return load_config(
@@ -29,7 +34,7 @@ def run_config(workdir: Path, name: str, base_dir: Path, *overrides: str) -> Run
             f"model.pretrained={base_dir}",
             f"model.max_sequence_length={EVAL_SETTINGS.max_sequence_length}",
             "model.resolution=32",
-            f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+            f"tracking.uri={tracking_uri(workdir)}",
             "tracking.experiment=toy-style",
             *overrides,
         ],

@@ -99,8 +99,7 @@ def calibration_file(workdir: Path, trained: dict[str, dict], budget: Budget) ->
     path = workdir / CALIBRATION_FILE
     if not path.is_file():
         run = trained[f"{CALIBRATION_METHOD}_s{budget.train_seeds[0]}"]
-        uri = runs.run_config(workdir, "calibration", Path(".")).tracking.uri
-        calibrate_from_run(uri, run["run_id"], Location(str(path)))
+        calibrate_from_run(runs.tracking_uri(workdir), run["run_id"], Location(str(path)))
     return path
 
 
@@ -113,7 +112,7 @@ def imbalance_figure(workdir: Path, trained: dict[str, dict], budget: Budget, ou
         return None
     method = select_methods((CALIBRATION_METHOD,))[0]
     ddpm = runs.ddpm_counterpart(workdir, method, budget.train_seeds[0], budget, hyperparameters(method)[0])
-    uri = runs.run_config(workdir, "imbalance", Path(".")).tracking.uri
+    uri = runs.tracking_uri(workdir)
     return plot_imbalance(
         {
             "flow matching (toy SD3)": run_bin_metrics(uri, trained[key]["run_id"]),
@@ -221,7 +220,7 @@ def pictures(workdir: Path, base_dir: Path, methods, budget, stats, base, traine
     grid = out_dir / GRID
     shutil.copyfile(grid_eval["grid"], grid)
     imbalance = imbalance_figure(workdir, trained, budget, out_dir)
-    uri = runs.run_config(workdir, "eval", base_dir).tracking.uri
+    uri = runs.tracking_uri(workdir)
     for path in (figure, grid, imbalance):
         if path is not None:
             tracking.log_artifact(uri, ev["mlflow_run_id"], path, "testbed")

@@ -133,8 +133,8 @@ def policy_stage(cfg: RunConfig, world_size: int) -> int:
     """The ZeRO stage the policy engine runs: ``train.zero_stage``, except that ZeRO-1/2 on one worker without
     optimizer offload run as stage 0. With one rank the "partition" of the gradients and optimizer state is
     all of it, so those stages save nothing, while their bucketed gradient copies and partitioned optimizer
-    step cost time (in one process on the benchmark model: 0.82 s/step at stage 2, 0.73 at stage 0, 0.70 for
-    a bare PyTorch loop). ZeRO-3 keeps its stage (its reference engine and gathers are stage-3 paths)."""
+    step cost time (one ad-hoc measurement in one process on the benchmark model, two repeats: 0.86 / 0.77
+    s/step at stage 2, 0.75 / 0.70 at stage 0, 0.71 / 0.68 for a bare PyTorch loop; see benchmarks/README.md). ZeRO-3 keeps its stage (its reference engine and gathers are stage-3 paths)."""
     stage = cfg.train.zero_stage
     if world_size == 1 and stage in (1, 2) and not cfg.train.offload_optimizer:
         return 0
