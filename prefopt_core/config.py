@@ -279,9 +279,9 @@ class TrackingSection(_Section):
 
 
 class RegenerateSection(_Section):
-    preset: Literal["pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "pick-a-pic-like", "custom"] = (
-        "pick-style-cartoon"
-    )
+    preset: Literal[
+        "pick-style-cartoon", "pick-style-pixel-art", "pick-safety", "pick-a-pic-like", "custom"
+    ] = "pick-style-cartoon"
     prompts: str | None = Field(
         None, description="Text file (one prompt per line) or parquet with `caption`."
     )
@@ -565,7 +565,10 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     ):
         value = getattr(getattr(cfg, section), key)
         if (value and is_uri(value)) or (
-            value and not value.startswith("tiny") and not value.startswith(TOY_BASE) and Path(value).expanduser().exists()
+            value
+            and not value.startswith("tiny")
+            and not value.startswith(TOY_BASE)
+            and Path(value).expanduser().exists()
         ):
             setattr(getattr(cfg, section), key, _absolute(value))
     return cfg

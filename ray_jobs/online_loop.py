@@ -180,7 +180,7 @@ def run_round(
     from pipelines.sharded_build import atomic_write_json
     from ray_jobs import tracking
     from ray_jobs.evaluate import run_eval
-    from ray_jobs.training.driver import run_training
+    from ray_jobs.training.driver import run_training, tracking_run_key
 
     uri = cfg.tracking_uri
     rcfg = round_config(cfg, round_index, base, policy)
@@ -190,7 +190,7 @@ def run_round(
         "prefopt.round": str(round_index),
         "prefopt.family": cfg.model.family,
     }
-    run_key = f"{cfg.run.name}@{cfg.workdir}#online-r{round_index}"
+    run_key = f"{tracking_run_key(cfg)}#online-r{round_index}"
     run_id = _open_run(cfg, run_key, f"{cfg.run.name}-round{round_index}", tags, parent)
     try:
         manifest = generate_online_cache(
@@ -251,6 +251,7 @@ def run_online(cfg: RunConfig) -> dict[str, Any]:
     from pipelines.base_model import prepare_base_model
     from ray_jobs import tracking
     from ray_jobs.cluster import ensure_ray
+    from ray_jobs.training.driver import tracking_run_key
 
     prompts = resolve_prompts(cfg)
     ensure_ray(cfg)
@@ -258,7 +259,7 @@ def run_online(cfg: RunConfig) -> dict[str, Any]:
     base = prepare_base_model(cfg)
     uri = cfg.tracking_uri
     tags = {"prefopt.command": "online", "prefopt.family": cfg.model.family, "prefopt.loss": cfg.loss.name}
-    parent = _open_run(cfg, f"{cfg.run.name}@{cfg.workdir}#online", cfg.run.name, tags, None)
+    parent = _open_run(cfg, f"{tracking_run_key(cfg)}#online", cfg.run.name, tags, None)
     if parent is not None:
         tracking.log_params_once(uri, parent, flatten(cfg.to_dict()))
     policy = cfg.model.init_denoiser

@@ -207,10 +207,11 @@ def build_streaming_trainer(cfg: RunConfig, loop_config: dict[str, Any], storage
 def _open_run(cfg: RunConfig):
     """``(identity, run_id)`` of the streaming run's MLflow run; ``run_id`` None when MLflow is down."""
     from ray_jobs import tracking
+    from ray_jobs.training.driver import tracking_run_key
 
     tags = {"prefopt.command": "online", "prefopt.online_mode": "streaming", "prefopt.loss": cfg.loss.name}
     identity = tracking.RunIdentity(
-        cfg.tracking.experiment, f"{cfg.run.name}@{cfg.workdir}#stream", cfg.run.name, tags
+        cfg.tracking.experiment, f"{tracking_run_key(cfg)}#stream", cfg.run.name, tags
     )
     try:
         run_id, _ = tracking.find_or_create_run(

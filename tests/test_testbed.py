@@ -12,6 +12,7 @@ from benchmarks.toy_style.methods import METHODS, QUICK_METHODS, hyperparameters
 from benchmarks.toy_style.report import (
     CLAIMS,
     aggregate,
+    delta_engagement_lines,
     lambda_verdict_lines,
     model_metrics,
     results_table,
@@ -70,6 +71,39 @@ def test_verdicts_by_hand():
     }
     assert verdict(c, fid)[0] == "reproduced"
     assert verdict(c, {})[0] == "not run"
+
+
+def test_drift_claim_compares_kl_with_four_digits():
+    """Claim (c, drift): δ = ∞ ends at KL 0.0300 ± 0.0040, the δ run at 0.0200 ± 0.0030: difference +0.0100 >
+    s = sqrt((.004² + .003²) / 2) = 0.003536: reproduced, its numbers to 4 digits (KL is ~0.01)."""
+    c = next(c for c in CLAIMS if c.key == "c, drift")
+    stats = {"B_dpo_ref_inf": {"kl": (0.03, 0.004)}, "B_dpo_ref_delta": {"kl": (0.02, 0.003)}}
+    result, numbers = verdict(c, stats)
+    assert result == "reproduced"
+    assert "difference +0.0100, one std 0.0035" in numbers
+
+
+def test_delta_engagement_counts_the_seeds_whose_reference_froze():
+    """4 checks (120 steps, τ = 25 -> 120 // 25). B_dpo_ref_delta made 2, 3 and 4 updates: the first two
+    froze (fewer than 4), the third never passed δ: "2 of 3 seeds". δ = ∞ and frozen-reference rows get no
+    line; a seed without the metric shows "?"."""
+    methods = select_methods(("B_dpo", "B_dpo_ref_inf", "B_dpo_ref_delta"))
+    finals = {
+        "B_dpo_ref_delta_s0": {"ref/updates": 2.0},
+        "B_dpo_ref_delta_s1": {"ref/updates": 3.0},
+        "B_dpo_ref_delta_s2": {"ref/updates": 4.0},
+        "B_dpo_ref_inf_s0": {"ref/updates": 4.0},
+    }
+    lines = delta_engagement_lines(methods, finals, (0, 1, 2), 4)
+    assert len(lines) == 1
+    assert (
+        "stopped the reference updates in 2 of 3 seeds (updates made per seed: 2, 3, 4 of 4 checks)"
+        in lines[0]
+    )
+    assert (
+        "1 of 2 seeds (updates made per seed: 2, ? of 4 checks)"
+        in delta_engagement_lines(methods, {"B_dpo_ref_delta_s0": {"ref/updates": 2.0}}, (0, 3), 4)[0]
+    )
 
 
 def test_results_table_rows_by_hand():

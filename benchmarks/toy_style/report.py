@@ -75,6 +75,14 @@ CLAIMS: tuple[Claim, ...] = (
         "adoption",
     ),
     Claim(
+        "c, drift",
+        "reference updates without a limit drift further from the base than with δ (setting B, KL to base: "
+        "δ = ∞ higher)",
+        "B_dpo_ref_inf",
+        "B_dpo_ref_delta",
+        "kl",
+    ),
+    Claim(
         "c",
         "reference updates without a limit lose the base's quality; δ keeps them stable (setting B, "
         "fidelity = mean of colour and shape accuracy)",
@@ -107,9 +115,10 @@ def verdict(claim: Claim, stats: dict[str, dict[str, tuple[float, float]]]) -> t
     s = math.sqrt((sx**2 + sy**2) / 2)
     diff = mx - my
     result = "reproduced" if diff > s else "not reproduced" if diff < -s else "inconclusive"
+    d = 4 if claim.metric == "kl" else 3
     numbers = (
-        f"{claim.metric}: {claim.better} {mx:.3f} ± {sx:.3f} vs {claim.worse} {my:.3f} ± {sy:.3f} "
-        f"(difference {diff:+.3f}, one std {s:.3f})"
+        f"{claim.metric}: {claim.better} {mx:.{d}f} ± {sx:.{d}f} vs {claim.worse} {my:.{d}f} ± {sy:.{d}f} "
+        f"(difference {diff:+.{d}f}, one std {s:.{d}f})"
     )
     return result, numbers
 
@@ -153,6 +162,28 @@ def verdict_lines(stats: dict[str, dict[str, tuple[float, float]]]) -> list[str]
     for claim in CLAIMS:
         result, numbers = verdict(claim, stats)
         lines.append(f"- ({claim.key}) {claim.text}: **{result}**" + (f" — {numbers}" if numbers else ""))
+    return lines
+
+
+def delta_engagement_lines(
+    methods: Sequence[Method], finals: dict[str, dict[str, float]], seeds: Sequence[int], checks: int
+) -> list[str]:
+    """Whether δ engaged, per method trained with a finite ``reference.delta``: the reference updates each
+    seed's run made (``ref/updates`` at the end; fewer than ``checks`` = steps // τ means D passed δ at
+    check ``updates + 1`` and the reference froze there). ``finals``: ``{"<method>_s<seed>": final
+    metrics}``. Empty when no such method ran."""
+    lines = []
+    for m in methods:
+        delta = next((o.partition("=")[2] for o in m.overrides if o.startswith("reference.delta=")), None)
+        if delta is None or math.isinf(float(delta)):
+            continue
+        updates = [finals.get(f"{m.name}_s{s}", {}).get("ref/updates", math.nan) for s in seeds]
+        frozen = sum(1 for u in updates if u < checks)
+        made = ", ".join("?" if math.isnan(u) else str(int(u)) for u in updates)
+        lines.append(
+            f"- {m.name}: δ = {delta} stopped the reference updates in {frozen} of {len(updates)} seeds "
+            f"(updates made per seed: {made} of {checks} checks)"
+        )
     return lines
 
 

@@ -2,10 +2,19 @@
 
 Every run shares ``configs/demo.yaml`` as the base config, ``<workdir>/mlflow.db`` as the tracking store and
 one Ray session (started once by the caller with ``ray_jobs.cluster.ensure_ray``).
+
+A finished training run is reused: :func:`train` writes its result beside the run (``RESULT_FILE``) with the
+fingerprint of what defined it (the resolved config and the bytes of any file an extra override names, e.g.
+the calibration), and returns it instead of training again while the fingerprint matches. A changed method,
+budget or hyperparameter trains afresh; delete the workdir to retrain everything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +23,11 @@ from pipelines.toy_prompts import STYLE_TEMPLATE, train_prompts
 from pipelines.toy_sampling import EVAL_SETTINGS
 from prefopt_core.config import RunConfig, load_config
 
+logger = logging.getLogger(__name__)
+
 REPO = Path(__file__).resolve().parents[2]
+#: A finished run's result and fingerprint, under ``<workdir>/<run name>/``.
+RESULT_FILE = "testbed_result.json"
 #: Scorers of every evaluation: the style (adoption, win rate) and the fidelity to the prompt.
 EVAL_SCORERS = "[{name: outline_style}, {name: color_accuracy}, {name: shape_accuracy}]"
 
@@ -115,14 +128,57 @@ def train(
     extra: tuple[str, ...] = (),
 ) -> dict:
     """Train ``method`` with training seed ``seed`` from its setting's cache (``extra``: overrides after the
-    method's own, e.g. the calibration file); returns time, export, metrics and the MLflow run id."""
+    method's own, e.g. the calibration file); returns time, export, metrics and the MLflow run id. A run
+    that finished earlier with the same fingerprint is not trained again (its stored result)."""
     from ray_jobs.training.driver import run_training
 
-    hp = hparams or hyperparameters(method)[0]
     run_name = run_name or f"{method.name}_s{seed}"  # its own workdir: a run resumes from the same name
-    cfg = run_config(
+    cfg = train_config(
+        workdir, base_dir, method, seed, budget, hparams=hparams, run_name=run_name, extra=extra
+    )
+    result_file = workdir / run_name / RESULT_FILE
+    fingerprint = run_fingerprint(cfg, extra)
+    if result_file.is_file():
+        stored = json.loads(result_file.read_text())
+        if stored.get("fingerprint") == fingerprint:
+            logger.info("testbed: %s finished earlier with this config; reusing its result", run_name)
+            return {**stored["result"], "reused": True}
+        # another config under the same name: its checkpoints must not be resumed
+        logger.info("testbed: %s changed since it last ran; training it afresh", run_name)
+        _discard_run(cfg)
+    t0 = time.perf_counter()
+    summary = run_training(cfg)
+    result = {
+        "seconds": time.perf_counter() - t0,
+        "export": summary.export_dir,
+        "steps": budget.max_steps,
+        "beta": cfg.loss.beta,
+        "lr": cfg.train.lr,
+        "final": summary.final_metrics,
+        "run_id": summary.mlflow_run_id,
+        "method": method.name,
+        "seed": seed,
+    }
+    result_file.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=1))
+    return result
+
+
+def train_config(
+    workdir: Path,
+    base_dir: Path,
+    method: Method,
+    seed: int,
+    budget: Budget,
+    *,
+    hparams: dict | None = None,
+    run_name: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> RunConfig:
+    """The config :func:`train` trains ``method`` with (run name ``<method>_s<seed>`` unless given)."""
+    hp = hparams or hyperparameters(method)[0]
+    return run_config(
         workdir,
-        run_name,
+        run_name or f"{method.name}_s{seed}",
         base_dir,
         f"cache.dir={workdir / f'cache_pairs_{method.setting}'}",
         f"run.seed={seed}",
@@ -139,19 +195,34 @@ def train(
         *method.overrides,
         *extra,
     )
-    t0 = time.perf_counter()
-    summary = run_training(cfg)
-    return {
-        "seconds": time.perf_counter() - t0,
-        "export": summary.export_dir,
-        "steps": budget.max_steps,
-        "beta": cfg.loss.beta,
-        "lr": cfg.train.lr,
-        "final": summary.final_metrics,
-        "run_id": summary.mlflow_run_id,
-        "method": method.name,
-        "seed": seed,
-    }
+
+
+def run_fingerprint(cfg: RunConfig, extra: tuple[str, ...]) -> str:
+    """sha256 of the resolved config and of the bytes of every file an ``extra`` override names."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    for override in extra:
+        value = Path(override.partition("=")[2])
+        if value.is_file():
+            digest.update(value.read_bytes())
+    return digest.hexdigest()
+
+
+def _discard_run(cfg: RunConfig) -> None:
+    """Remove a run's workdir and mark its MLflow run deleted, so the next training starts from step 0 in a
+    new MLflow run."""
+    from ray_jobs import tracking
+    from ray_jobs.training.driver import tracking_run_key
+
+    client = tracking.mlflow_client(cfg.tracking_uri)
+    run_key = tracking_run_key(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        found = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'"
+        )
+        for run in found:
+            client.delete_run(run.info.run_id)
+    shutil.rmtree(str(cfg.workdir), ignore_errors=True)
 
 
 def evaluate(

@@ -38,6 +38,7 @@ from benchmarks.toy_style.methods import (
     CALIBRATION_METHOD,
     QUICK_METHODS,
     SETTING_LABELS,
+    TAU,
     Budget,
     Method,
     hyperparameters,
@@ -45,6 +46,7 @@ from benchmarks.toy_style.methods import (
 )
 from benchmarks.toy_style.report import (
     aggregate,
+    delta_engagement_lines,
     lambda_verdict_lines,
     model_metrics,
     results_table,
@@ -145,7 +147,7 @@ def results_text(text_parts: dict, pictures_prefix: str = "") -> str:
             "# Toy alignment testbed results",
             "",
             f"Produced by `python -m benchmarks.toy_style{' --quick' if info['quick'] else ''}` on {info['date']} "
-            f"({info['machine']}); total wall time {info['total_s'] / 60:.1f} min.",
+            f"({info['machine']}); total wall time {info['total_s'] / 60:.1f} min{_reuse_note(info)}.",
             "",
             "Base: the shipped toy base (`pipelines/assets/toy_base`, rebuilt by `python -m pipelines.toy_base build`). "
             f"Preference data, from the base on {len(train_prompts())} training prompts: "
@@ -166,6 +168,7 @@ def results_text(text_parts: dict, pictures_prefix: str = "") -> str:
             "",
             *text_parts["verdicts"],
             "",
+            *_delta_section(text_parts),
             *lambda_section(text_parts, pictures_prefix),
             f"![adoption vs fidelity]({pictures_prefix}{FIGURE})",
             "",
@@ -175,6 +178,25 @@ def results_text(text_parts: dict, pictures_prefix: str = "") -> str:
         ]
     )
     return text
+
+
+def _reuse_note(info: dict) -> str:
+    """How many training runs came from an earlier run of the same configs (not counted in the wall time)."""
+    reused = info.get("reused", 0)
+    if not reused:
+        return ""
+    return (
+        f" ({reused} of the {info['runs']} training runs finished earlier with the same config and were "
+        "reused: `runs.RESULT_FILE`)"
+    )
+
+
+def _delta_section(text_parts: dict) -> list[str]:
+    """Where the divergence limit δ stopped the reference (claim (c) tests δ only where it engaged)."""
+    lines = list(text_parts.get("delta_engagement", []))
+    if not lines:
+        return []
+    return ["Divergence limit δ (claim (c) tests it only where it engaged):", "", *lines, ""]
 
 
 def lambda_section(text_parts: dict, pictures_prefix: str) -> list[str]:
@@ -232,6 +254,7 @@ def run_testbed(
 ) -> dict:
     from ray_jobs.cluster import ensure_ray
 
+    workdir = workdir.resolve()  # run fingerprints hold its paths: the same directory, however it is named
     budget = Budget.quick() if quick else Budget()
     chosen = select_methods(methods or (QUICK_METHODS if quick else None))
     t0 = time.perf_counter()
@@ -263,6 +286,8 @@ def run_testbed(
         "train_seeds": budget.train_seeds,
         "eval_seeds": budget.eval_seeds,
         "imbalance": pics["imbalance"] is not None,
+        "runs": len(trained),
+        "reused": sum(1 for r in trained.values() if r.get("reused")),
     }
     sources = {m.name: hyperparameters(m)[1] for m in chosen}
     parts = {
@@ -270,6 +295,12 @@ def run_testbed(
         "table": results_table(chosen, stats, base, sources),
         "verdicts": verdict_lines(stats),
         "lambda_verdicts": lambda_verdict_lines(stats),
+        "delta_engagement": delta_engagement_lines(
+            chosen,
+            {k: v["final"] for k, v in trained.items()},
+            budget.train_seeds,
+            budget.max_steps // TAU,
+        ),
     }
     text = results_text(parts)
     (out_dir / "results.md").write_text(text)

@@ -34,6 +34,11 @@ class TrainSummary:
     num_quarantined: int
 
 
+def tracking_run_key(cfg: RunConfig) -> str:
+    """The tag that finds a training run's MLflow run again on resume: ``<run.name>@<run.workdir>``."""
+    return f"{cfg.run.name}@{cfg.workdir}"
+
+
 def open_tracking_run(cfg: RunConfig, manifest: dict, parent_run_id: str | None):
     """Find (resume) or create the MLflow run of this training run and log its config and inputs.
 
@@ -44,7 +49,7 @@ def open_tracking_run(cfg: RunConfig, manifest: dict, parent_run_id: str | None)
     from ray_jobs import tracking
 
     uri, workdir = cfg.tracking_uri, cfg.workdir
-    run_key = f"{cfg.run.name}@{workdir}"
+    run_key = tracking_run_key(cfg)
     tags = {"prefopt.command": "train", "prefopt.family": cfg.model.family, "prefopt.loss": cfg.loss.name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
