@@ -1,18 +1,27 @@
 """The ``online`` benchmark row: streaming vs round-based online training on the toy base.
 
-Both arms start from the same toy base (the shipped one, ``pipelines.toy_base_asset.shipped_base``), sample the same toy-world prompts with the same scorer, make the same number of optimizer steps
-on the same number of pairs, with the same Ray (same CPUs): ``ROUNDS`` rounds of ``STEPS_PER_ROUND`` steps
-on ``PROMPTS`` fresh prompts each (rounds: one pass over each round's pairs) vs one streaming run of
-``ROUNDS * STEPS_PER_ROUND`` steps fed by one rollout actor. Reported, interleaved over the size's repeats:
-wall time of the whole command (median ratio streaming / rounds) and the final held-out ``outline_style``
-mean of each arm's last policy (the ``eval`` section: the same prompts and seeds for both); the spread of
-each arm's reward over the repeats is the run-to-run noise the comparison is read against.
+Both arms start from the same toy base (the shipped one, ``pipelines.toy_base_asset.shipped_base``), sample the
+same toy-world prompts with the same scorer, make the same number of optimizer steps on the same number of
+pairs, with the same Ray (same CPUs): ``ROUNDS`` rounds of ``STEPS_PER_ROUND`` steps on ``PROMPTS`` fresh
+prompts each (rounds: one pass over each round's pairs, the policy refreshed every ``STEPS_PER_ROUND`` steps)
+vs one streaming run of ``ROUNDS * STEPS_PER_ROUND`` steps fed by one rollout actor that takes the policy
+every ``online.sync_every`` = ``STEPS_PER_ROUND`` steps: both sample from a policy at most one refresh old.
+
+Reported, interleaved over the size's repeats (repeat ``r`` runs both arms with ``run.seed = r``, so the
+repeats differ as two runs of a user would): the wall time of the whole command (median ratio streaming /
+rounds; rounds evaluates after every round, as that mode does, streaming only its export) and the final
+held-out ``outline_style`` mean of each arm's last policy (the ``eval`` section: ``EVAL_SEEDS`` seeds of the
+same prompts for both). The reward comparison is read against :func:`reward_noise`: the run-to-run std over
+the repeats and the evaluation's sampling error, whichever is larger.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +30,19 @@ from benchmarks.common import Row, fmt, interleaved, median, paired_ratio
 logger = logging.getLogger("benchmarks.online")
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 2
-STEPS_PER_ROUND = 8
+ROUNDS = 4
+STEPS_PER_ROUND = 4
 BATCH, WORKERS = 2, 2
 #: One pass per round: every kept pair of a round is trained once, as in the streaming arm.
 PROMPTS = STEPS_PER_ROUND * BATCH * WORKERS
+#: Held-out evaluation seeds per prompt (the config's 8 prompts): 32 samples per evaluated policy.
+EVAL_SEEDS = 4
 REWARD = "eval/outline_style/mean"
+REWARD_STD = "eval/outline_style/std"
 
 
-def online_config(workdir: Path, base: Path, mode: str, name: str):
-    """The arm's config: configs/online_streaming_toy.yaml with the shared base, prompts and steps."""
+def online_config(workdir: Path, base: Path, mode: str, name: str, seed: int = 0):
+    """The arm's config: configs/online_streaming_toy.yaml with the shared base, prompts, steps and seed."""
     from prefopt_core.config import load_config
 
     return load_config(
@@ -38,6 +50,7 @@ def online_config(workdir: Path, base: Path, mode: str, name: str):
         [
             f"run.name={name}",
             f"run.workdir={workdir}",
+            f"run.seed={seed}",
             f"model.pretrained={base}",
             "model.max_sequence_length=16",
             f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
@@ -47,6 +60,8 @@ def online_config(workdir: Path, base: Path, mode: str, name: str):
             f"online.num_prompts={PROMPTS}",
             "online.num_actors=1",
             "online.rollout_actors=1",
+            f"online.sync_every={STEPS_PER_ROUND}",
+            f"eval.seeds={list(range(EVAL_SEEDS))}",
             f"train.max_steps={ROUNDS * STEPS_PER_ROUND}",
             f"train.batch_size={BATCH}",
             f"train.num_workers={WORKERS}",
@@ -58,12 +73,28 @@ def online_config(workdir: Path, base: Path, mode: str, name: str):
     )
 
 
-def final_reward(summary: dict[str, Any]) -> float:
-    """The held-out reward of the arm's last policy (streaming: its run; rounds: the last round)."""
+def final_reward(summary: dict[str, Any]) -> tuple[float, float]:
+    """``(mean, per-sample std)`` of the held-out reward of the arm's last policy (streaming: its run;
+    rounds: the last round)."""
     metrics = summary["metrics"]
-    if summary.get("mode") == "streaming":
-        return float(metrics[REWARD])
-    return float(metrics[f"r{summary['rounds'] - 1}/{REWARD}"])
+    prefix = "" if summary.get("mode") == "streaming" else f"r{summary['rounds'] - 1}/"
+    return float(metrics[prefix + REWARD]), float(metrics[prefix + REWARD_STD])
+
+
+def reward_noise(streaming: Sequence[float], rounds: Sequence[float], sample_se: float) -> float:
+    """The noise a difference of the two arms' mean rewards is read against: the larger of the run-to-run
+    std (pooled over the arms' repeats, ddof 1: ``sqrt((sd_s² + sd_r²) / 2)``; 0 with one repeat) and
+    ``sample_se``, the sampling error of the difference of two evaluations (``sqrt(se_s² + se_r²)``, each
+    ``se = per-sample std / sqrt(samples)``)."""
+    sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (streaming, rounds)]
+    return max(math.sqrt((sd[0] ** 2 + sd[1] ** 2) / 2), sample_se)
+
+
+def reward_verdict(streaming: Sequence[float], rounds: Sequence[float], noise: float) -> str:
+    """``"not lower beyond noise"`` when ``mean(streaming) - mean(rounds) >= -noise``, else ``"lower beyond
+    noise"``."""
+    diff = statistics.fmean(streaming) - statistics.fmean(rounds)
+    return "not lower beyond noise" if diff >= -noise else "lower beyond noise"
 
 
 def bench_online(ctx) -> list[Row]:
@@ -74,22 +105,34 @@ def bench_online(ctx) -> list[Row]:
     base = shipped_base()
     walls: dict[str, list[float]] = {"streaming": [], "rounds": []}
     rewards: dict[str, list[float]] = {"streaming": [], "rounds": []}
+    sample_se: dict[str, list[float]] = {"streaming": [], "rounds": []}
     for r, arm in interleaved(["streaming", "rounds"], ctx.size.repeats):
         ctx.settle()
         workdir = ctx.workdir / "runs" / f"online-{arm}-r{r}"
         t0 = time.perf_counter()
-        summary = run_online(online_config(workdir, base, arm, f"online-{arm}-r{r}"))
+        cfg = online_config(workdir, base, arm, f"online-{arm}-r{r}", seed=r)
+        summary = run_online(cfg)
         walls[arm].append(time.perf_counter() - t0)
-        rewards[arm].append(final_reward(summary))
+        mean, std = final_reward(summary)
+        rewards[arm].append(mean)
+        sample_se[arm].append(std / math.sqrt(cfg.eval.num_prompts * len(cfg.eval.seeds)))
         logger.info("online repeat %d %-9s %.1f s, reward %.4f", r, arm, walls[arm][-1], rewards[arm][-1])
 
+    se = math.sqrt(statistics.fmean(sample_se["streaming"]) ** 2 + statistics.fmean(sample_se["rounds"]) ** 2)
+    noise = reward_noise(rewards["streaming"], rewards["rounds"], se)
+    verdict = reward_verdict(rewards["streaming"], rewards["rounds"], noise)
+
     def spread(arm: str) -> str:
-        return f"{fmt(min(rewards[arm]))}–{fmt(max(rewards[arm]))}"
+        values = rewards[arm]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{fmt(statistics.fmean(values))} ± {fmt(sd, 2)}"
 
     common = (
         f"toy base, {PROMPTS} prompts x {ROUNDS} rounds, {ROUNDS * STEPS_PER_ROUND} DPO steps of "
-        f"{BATCH} x {WORKERS} pairs, periodic reference; {ctx.size.repeats} repeat(s)"
+        f"{BATCH} x {WORKERS} pairs, policy refreshed every {STEPS_PER_ROUND} steps in both arms, periodic "
+        f"reference; {ctx.size.repeats} repeat(s), run.seed = repeat"
     )
+    diff = statistics.fmean(rewards["streaming"]) - statistics.fmean(rewards["rounds"])
     return [
         Row(
             "`prefopt online`: streaming vs rounds, wall time",
@@ -100,17 +143,20 @@ def bench_online(ctx) -> list[Row]:
             "s",
             ratio=paired_ratio(walls["streaming"], walls["rounds"]),
             higher_is_better=False,
-            notes=f"{common}; whole command incl. start-up and the final evaluation",
+            notes=f"{common}; whole command incl. start-up, rounds' per-round evaluations and the final one",
         ),
         Row(
             "`prefopt online`: final held-out outline-style reward",
             "streaming",
             "rounds",
-            median(rewards["streaming"]),
-            median(rewards["rounds"]),
+            statistics.fmean(rewards["streaming"]),
+            statistics.fmean(rewards["rounds"]),
             "mean score",
-            ratio=paired_ratio(rewards["streaming"], rewards["rounds"]),
-            notes=f"{common}; run-to-run noise = range over repeats: streaming {spread('streaming')}, "
-            f"rounds {spread('rounds')}",
+            ratio=None,
+            bold=False,
+            notes=f"{common}; mean ± std over repeats: streaming {spread('streaming')}, rounds "
+            f"{spread('rounds')}; difference {diff:+.3f}, noise {noise:.3f} (larger of the repeats' pooled std "
+            f"and the evaluation's sampling error {se:.3f}, {EVAL_SEEDS} seeds x 8 prompts): streaming's "
+            f"reward is **{verdict}**",
         ),
     ]

@@ -57,14 +57,14 @@ def eval_config(rcfg: RunConfig, export: str, base: Path) -> RunConfig:
 
 def eval_metrics(flat: dict[str, float]) -> dict[str, float]:
     """``eval/policy/<scorer>/<stat>`` and ``eval/base/<scorer>/mean`` (``run_eval``'s keys) ->
-    ``eval/<scorer>/{win_rate,adoption_rate,mean,base_mean}``."""
+    ``eval/<scorer>/{win_rate,adoption_rate,mean,std,base_mean}`` (``std``: over the evaluated samples)."""
     out = {}
     for key, value in flat.items():
         parts = key.split("/")
         if len(parts) != 4 or parts[0] != "eval":
             continue
         _, model, scorer, stat = parts
-        if model == POLICY_NAME and stat in ("win_rate", "adoption_rate", "mean"):
+        if model == POLICY_NAME and stat in ("win_rate", "adoption_rate", "mean", "std"):
             out[f"eval/{scorer}/{stat}"] = float(value)
         elif model != POLICY_NAME and stat == "mean":
             out[f"eval/{scorer}/base_mean"] = float(value)

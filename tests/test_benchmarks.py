@@ -184,3 +184,23 @@ def test_smoke_run_prints_and_writes_the_table(smoke_workdir, ray_cluster, capsy
 
 def test_wait_until_quiet_returns_when_the_children_are_idle():
     assert wait_until_quiet(below_cores=1000.0, window=0.05, timeout=5.0) < 5.0
+
+
+def test_online_reward_noise_is_the_larger_of_repeat_spread_and_sampling_error():
+    """Streaming 0.20, 0.24 (sd 0.02828), rounds 0.25, 0.25 (sd 0): pooled sqrt((0.02828² + 0) / 2) = 0.02;
+    with sampling error 0.01 the noise is 0.02, with 0.05 it is 0.05. One repeat each: sd 0, the sampling
+    error alone."""
+    from benchmarks.online_stream import reward_noise
+
+    assert reward_noise([0.20, 0.24], [0.25, 0.25], 0.01) == pytest.approx(0.02)
+    assert reward_noise([0.20, 0.24], [0.25, 0.25], 0.05) == pytest.approx(0.05)
+    assert reward_noise([0.20], [0.30], 0.03) == pytest.approx(0.03)
+
+
+def test_online_reward_verdict_by_hand():
+    """Means 0.22 vs 0.25: difference -0.03; noise 0.05 -> within (not lower beyond noise); noise 0.02 ->
+    lower beyond noise."""
+    from benchmarks.online_stream import reward_verdict
+
+    assert reward_verdict([0.20, 0.24], [0.25, 0.25], 0.05) == "not lower beyond noise"
+    assert reward_verdict([0.20, 0.24], [0.25, 0.25], 0.02) == "lower beyond noise"
