@@ -272,3 +272,14 @@ def test_demo_last_lines_show_adoption_and_fidelity_before_and_after():
         "fidelity, color accuracy (same samples): base 0.950 -> trained 0.900",
         "fidelity, shape accuracy (same samples): base 0.900 -> trained 0.875",
     ]
+
+
+def test_figure_colours_one_per_method_key_across_settings():
+    """B_sft and A_sft share a colour (same method), A_mapo takes B_mapo's, and no two different keys share
+    one: as many colours as distinct keys (10 with the λ rows)."""
+    from benchmarks.toy_style.figures import colour_slots
+
+    slots = colour_slots(METHODS)
+    assert slots["A_sft"] == slots["B_sft"] and slots["A_mapo"] == slots["B_mapo"]
+    assert slots["A_mapo"] != slots["B_dpo_ta"]
+    assert len(set(slots.values())) == len({m.key for m in METHODS}) == 10

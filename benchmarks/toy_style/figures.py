@@ -11,6 +11,13 @@ from benchmarks.toy_style.report import _metric
 _MARKERS = {"A": "s", "B": "o"}
 
 
+def colour_slots(methods: Sequence[Method]) -> dict[str, int]:
+    """``{method name: palette index}``: one colour per method key (SFT, DPO, MaPO, ...), shared by its rows in
+    both settings, so that two different methods never share a colour (the marker tells the settings apart)."""
+    keys = list(dict.fromkeys(m.key for m in methods))
+    return {m.name: keys.index(m.key) for m in methods}
+
+
 def adoption_vs_fidelity(
     methods: Sequence[Method],
     stats: dict[str, dict[str, tuple[float, float]]],
@@ -34,12 +41,14 @@ def adoption_vs_fidelity(
         label="base",
         zorder=3,
     )
+    slots = colour_slots(methods)
+    palette = plt.get_cmap("tab10" if max(slots.values(), default=0) < 10 else "tab20")
     for setting in ("B", "A"):
         shown = [m for m in methods if m.setting == setting and m.name in stats]
-        for i, m in enumerate(shown):
+        for m in shown:
             fx, fs = _metric(stats[m.name], "fidelity")
             ay, as_ = stats[m.name]["adoption"]
-            color = plt.get_cmap("tab10")(i)
+            color = palette(slots[m.name])
             ax.errorbar(
                 fx,
                 ay,
