@@ -203,3 +203,22 @@ def test_step_time_includes_the_previous_steps_logging(
     steps = history(recipe.inputs.tracking_uri, recipe.inputs.run_id, "time/step_s")
     assert [s for s, _ in steps] == [1, 2, 3]
     assert all(v >= slow for _, v in steps[1:]), steps
+
+
+def test_one_rank_skips_the_gradient_all_reduce(tmp_path, tiny_sd3, cache8, process_group, monkeypatch):
+    """One worker (ZeRO-2 runs as stage 0 there): DeepSpeed's all-reduce of the gradients is never called in a
+    2-step run, which still completes both steps (its last report is step 2)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    calls = []
+    original = DeepSpeedEngine.allreduce_gradients
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "allreduce_gradients", counting)
+    recipe, ctx = _recipe(tmp_path, tiny_sd3, cache8, ["train.max_steps=2"])
+    run_recipe(recipe)
+    assert ctx.reports[-1]["step"] == 2
+    assert calls == []
