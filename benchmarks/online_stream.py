@@ -9,10 +9,11 @@ every ``online.sync_every`` = ``STEPS_PER_ROUND`` steps: both sample from a poli
 
 Reported, interleaved over the size's repeats (repeat ``r`` runs both arms with ``run.seed = r``, so the
 repeats differ as two runs of a user would): the wall time of the whole command (median ratio streaming /
-rounds; rounds evaluates after every round, as that mode does, streaming only its export) and the final
-held-out ``outline_style`` mean of each arm's last policy (the ``eval`` section: ``EVAL_SEEDS`` seeds of the
-same prompts for both). The reward comparison is read against :func:`reward_noise`: the run-to-run std over
-the repeats and the evaluation's sampling error, whichever is larger.
+rounds; rounds evaluates after every round, as that mode does, streaming only its export) and the held-out
+``outline_style`` mean of each arm's final export, measured after all repeats by one common ``prefopt eval`` of
+every export (untimed; the config's held-out prompts x ``EVAL_SEEDS`` seeds, the same for every export). The
+reward comparison is read against :func:`reward_noise`: the run-to-run std over the repeats and the
+evaluation's sampling error, whichever is larger.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from benchmarks.common import Row, fmt, interleaved, median, paired_ratio
 
@@ -35,10 +35,10 @@ STEPS_PER_ROUND = 4
 BATCH, WORKERS = 2, 2
 #: One pass per round: every kept pair of a round is trained once, as in the streaming arm.
 PROMPTS = STEPS_PER_ROUND * BATCH * WORKERS
-#: Held-out evaluation seeds per prompt (the config's 8 prompts): 32 samples per evaluated policy.
-EVAL_SEEDS = 4
-REWARD = "eval/outline_style/mean"
-REWARD_STD = "eval/outline_style/std"
+#: Seeds per held-out prompt of the common evaluation of the final exports (the config's 8 prompts: 128
+#: samples per export, a sampling error of about 0.04 on a score with std 0.5).
+EVAL_SEEDS = 16
+SCORER = "outline_style"
 
 
 def online_config(workdir: Path, base: Path, mode: str, name: str, seed: int = 0):
@@ -61,7 +61,6 @@ def online_config(workdir: Path, base: Path, mode: str, name: str, seed: int = 0
             "online.num_actors=1",
             "online.rollout_actors=1",
             f"online.sync_every={STEPS_PER_ROUND}",
-            f"eval.seeds={list(range(EVAL_SEEDS))}",
             f"train.max_steps={ROUNDS * STEPS_PER_ROUND}",
             f"train.batch_size={BATCH}",
             f"train.num_workers={WORKERS}",
@@ -73,12 +72,41 @@ def online_config(workdir: Path, base: Path, mode: str, name: str, seed: int = 0
     )
 
 
-def final_reward(summary: dict[str, Any]) -> tuple[float, float]:
-    """``(mean, per-sample std)`` of the held-out reward of the arm's last policy (streaming: its run;
-    rounds: the last round)."""
-    metrics = summary["metrics"]
-    prefix = "" if summary.get("mode") == "streaming" else f"r{summary['rounds'] - 1}/"
-    return float(metrics[prefix + REWARD]), float(metrics[prefix + REWARD_STD])
+def common_eval(workdir: Path, base: Path, exports: dict[str, str]) -> dict[str, tuple[float, float, int]]:
+    """``{name: (mean, per-sample std, samples)}`` of the ``outline_style`` score of every export, by one
+    ``prefopt eval`` on the held-out prompts x ``EVAL_SEEDS`` seeds."""
+    from prefopt_core.config import config_from_dict
+    from ray_jobs.evaluate import run_eval
+
+    data = online_config(workdir, base, "rounds", "online-eval").to_dict()
+    data["eval"].update(
+        models=[f"{name}={path}" for name, path in exports.items()],
+        baseline=str(base),
+        seeds=list(range(EVAL_SEEDS)),
+    )
+    cfg = config_from_dict(data)
+    metrics = run_eval(cfg)["metrics"]
+    samples = (cfg.eval.num_prompts or 0) * len(cfg.eval.seeds)
+    return {
+        name: (
+            float(metrics[f"eval/{name}/{SCORER}/mean"]),
+            float(metrics[f"eval/{name}/{SCORER}/std"]),
+            samples,
+        )
+        for name in exports
+    }
+
+
+def sampling_error(scores: dict[str, tuple[float, float, int]], arms: Sequence[str]) -> float:
+    """The sampling error of the difference of two arms' evaluations, ``sqrt(se_a² + se_b²)``; an arm's ``se``
+    is the mean over its exports (``"<arm>-r<repeat>"`` in ``scores``) of ``std / sqrt(samples)``."""
+    per_arm = [
+        statistics.fmean(
+            std / math.sqrt(n) for name, (_, std, n) in scores.items() if name.startswith(f"{arm}-")
+        )
+        for arm in arms
+    ]
+    return math.sqrt(sum(se**2 for se in per_arm))
 
 
 def reward_noise(streaming: Sequence[float], rounds: Sequence[float], sample_se: float) -> float:
@@ -104,21 +132,18 @@ def bench_online(ctx) -> list[Row]:
 
     base = shipped_base()
     walls: dict[str, list[float]] = {"streaming": [], "rounds": []}
-    rewards: dict[str, list[float]] = {"streaming": [], "rounds": []}
-    sample_se: dict[str, list[float]] = {"streaming": [], "rounds": []}
+    exports: dict[str, str] = {}
     for r, arm in interleaved(["streaming", "rounds"], ctx.size.repeats):
         ctx.settle()
         workdir = ctx.workdir / "runs" / f"online-{arm}-r{r}"
         t0 = time.perf_counter()
-        cfg = online_config(workdir, base, arm, f"online-{arm}-r{r}", seed=r)
-        summary = run_online(cfg)
+        summary = run_online(online_config(workdir, base, arm, f"online-{arm}-r{r}", seed=r))
         walls[arm].append(time.perf_counter() - t0)
-        mean, std = final_reward(summary)
-        rewards[arm].append(mean)
-        sample_se[arm].append(std / math.sqrt(cfg.eval.num_prompts * len(cfg.eval.seeds)))
-        logger.info("online repeat %d %-9s %.1f s, reward %.4f", r, arm, walls[arm][-1], rewards[arm][-1])
-
-    se = math.sqrt(statistics.fmean(sample_se["streaming"]) ** 2 + statistics.fmean(sample_se["rounds"]) ** 2)
+        exports[f"{arm}-r{r}"] = summary["final_export"]
+        logger.info("online repeat %d %-9s %.1f s", r, arm, walls[arm][-1])
+    scores = common_eval(ctx.workdir / "runs" / "online-eval", base, exports)
+    rewards = {arm: [scores[f"{arm}-r{r}"][0] for r in range(ctx.size.repeats)] for arm in walls}
+    se = sampling_error(scores, list(walls))
     noise = reward_noise(rewards["streaming"], rewards["rounds"], se)
     verdict = reward_verdict(rewards["streaming"], rewards["rounds"], noise)
 
@@ -156,7 +181,8 @@ def bench_online(ctx) -> list[Row]:
             bold=False,
             notes=f"{common}; mean ± std over repeats: streaming {spread('streaming')}, rounds "
             f"{spread('rounds')}; difference {diff:+.3f}, noise {noise:.3f} (larger of the repeats' pooled std "
-            f"and the evaluation's sampling error {se:.3f}, {EVAL_SEEDS} seeds x 8 prompts): streaming's "
+            f"and the evaluation's sampling error {se:.3f}: one common eval of the final exports, {EVAL_SEEDS} "
+            "seeds x 8 held-out prompts): streaming's "
             f"reward is **{verdict}**",
         ),
     ]

@@ -3,6 +3,7 @@ plumbing only -- no timing is asserted (the numbers of the ``smoke`` size mean n
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -204,3 +205,12 @@ def test_online_reward_verdict_by_hand():
 
     assert reward_verdict([0.20, 0.24], [0.25, 0.25], 0.05) == "not lower beyond noise"
     assert reward_verdict([0.20, 0.24], [0.25, 0.25], 0.02) == "lower beyond noise"
+
+
+def test_online_sampling_error_by_hand():
+    """Streaming exports with std 0.4 and 0.6 over 100 samples: se 0.04 and 0.06, mean 0.05; rounds std 0.5
+    over 25: se 0.1. The difference's error: sqrt(0.05² + 0.1²) = 0.1118."""
+    from benchmarks.online_stream import sampling_error
+
+    scores = {"streaming-r0": (0.5, 0.4, 100), "streaming-r1": (0.5, 0.6, 100), "rounds-r0": (0.5, 0.5, 25)}
+    assert sampling_error(scores, ["streaming", "rounds"]) == pytest.approx(math.sqrt(0.05**2 + 0.1**2))
