@@ -83,6 +83,17 @@ def find_or_create_run(
     return run.info.run_id, False
 
 
+def final_metrics(uri: str, run_id: str, step_key: str = "loss") -> dict[str, float]:
+    """The latest value of every metric of a run, and ``step``: the last step logged for ``step_key``. What
+    a rerun of a finished training run reports, since it trains no step and its workers report no loss."""
+    client = mlflow_client(uri)
+    out = {k: float(v) for k, v in client.get_run(run_id).data.metrics.items()}
+    steps = [m.step for m in client.get_metric_history(run_id, step_key)]
+    if steps:
+        out["step"] = float(max(steps))
+    return out
+
+
 def log_params_once(uri: str, run_id: str, params: dict[str, Any]) -> None:
     """Log params not yet on the run; a resumed run whose params changed keeps the old ones (MLflow params
     are immutable) and the difference is logged as a warning and recorded as tags."""

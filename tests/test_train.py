@@ -254,3 +254,28 @@ def test_driver_read_and_streamed_cache_give_the_same_rows(cache8, ray_cluster):
         == pq.read_table(cache8 / manifest["files"][0], columns=["pair_key"]).column("pair_key").to_pylist()
     )
     assert streamed.equals(driver)
+
+
+def test_rerun_of_a_finished_run_reports_its_final_metrics(zero2_run, tiny_sd3, cache8):
+    """The finished ZeRO-2 run, rerun with the same config: it resumes at step 10 = max_steps and trains
+    nothing, yet its summary carries the run's final metrics (step 10 and the same final loss), read back
+    from its MLflow run; no step is logged twice."""
+    wd, z2 = zero2_run
+    again = run_training(
+        load_config(
+            ROOT / "configs/demo.yaml",
+            [
+                *train_overrides(wd / "z2", tiny_sd3, cache8, "z2"),
+                *COMMON,
+                "train.zero_stage=2",
+                "train.fail_at_step=5",
+                "train.max_failures=1",
+            ],
+        )
+    )
+    assert again.resumed_run is True and again.mlflow_run_id == z2.mlflow_run_id
+    assert again.final_metrics["step"] == 10
+    assert again.final_metrics["loss"] == pytest.approx(z2.final_metrics["loss"])
+    assert [s for s, _ in history(again.mlflow_tracking_uri, again.mlflow_run_id, "loss")] == list(
+        range(1, 11)
+    )

@@ -256,12 +256,19 @@ def run_training(cfg: RunConfig, *, parent_run_id: str | None = None) -> TrainSu
         if run_id is not None:
             tracking.set_terminated(cfg.tracking_uri, run_id, "FAILED")
         raise
+    run_id = _finish_tracking(cfg, identity, run_id, manifest)
+    final = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    if "loss" not in final and run_id is not None:  # a finished run, rerun: no step trained this time
+        try:
+            final = tracking.final_metrics(cfg.tracking_uri, run_id)
+        except Exception as exc:
+            logger.warning("could not read the final metrics of MLflow run %s: %s", run_id, exc)
     summary = TrainSummary(
         mlflow_tracking_uri=cfg.tracking_uri,
-        mlflow_run_id=_finish_tracking(cfg, identity, run_id, manifest),
+        mlflow_run_id=run_id,
         export_dir=str(export_dir / adapter.denoiser_subfolder) if cfg.train.export else None,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
-        final_metrics={k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
+        final_metrics=final,
         resumed_run=resumed,
         num_pairs=manifest["num_pairs"],
         num_quarantined=manifest["num_quarantined"],
