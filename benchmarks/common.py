@@ -139,6 +139,19 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """glibc: serve every allocation of ``nbytes`` or more with its own ``mmap`` from now on, so that a freed
+    tensor leaves the RSS at once. By default glibc raises that threshold (up to 32 MiB) whenever such a block
+    is freed, and tensors below it then come from heaps that stay resident, fragmented, after they are
+    freed: an RSS peak that depends on the order of allocations (DeepSpeed ZeRO's flat buffers, gathers and
+    partitions fragment most) more than on what is live. Setting the threshold turns that adjustment off
+    (``mallopt(M_MMAP_THRESHOLD)``, as the ``MALLOC_MMAP_THRESHOLD_`` variable would at start-up). Returns
+    False where unsupported."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1  # -3: M_MMAP_THRESHOLD
+    return False
+
+
 def memory_baseline(device: str = "cpu") -> float:
     """What :func:`memory_report` subtracts: current RSS (CPU) or allocated bytes (CUDA), MiB."""
     if device.startswith("cuda"):

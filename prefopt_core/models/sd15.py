@@ -185,9 +185,12 @@ class SD15Adapter:
         """The pipeline's UNet (``path=None``) or a ``save_pretrained`` UNet directory (e.g. an export)."""
         from diffusers import UNet2DConditionModel
 
+        # disable_mmap: see the SD3 adapter (a mapped file stays resident beside DeepSpeed's copies)
         if path is None:
-            return UNet2DConditionModel.from_pretrained(self.pretrained, subfolder="unet", dtype=dtype)
-        return UNet2DConditionModel.from_pretrained(local_path(path), dtype=dtype)
+            return UNet2DConditionModel.from_pretrained(
+                self.pretrained, subfolder="unet", dtype=dtype, disable_mmap=True
+            )
+        return UNet2DConditionModel.from_pretrained(local_path(path), dtype=dtype, disable_mmap=True)
 
     def noisy_latents(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``(N, C, h, w)`` x2, ``t (N,)`` -> ``√ᾱ_t x0 + √(1 − ᾱ_t) ε`` ``(N, C, h, w)`` (Ho et al., Eq. 4)."""

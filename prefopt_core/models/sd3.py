@@ -131,12 +131,15 @@ class SD3Adapter:
     def load_denoiser(self, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
         from diffusers import SD3Transformer2DModel
 
+        # disable_mmap: weights in memory of their own, not views of a mapped file. DeepSpeed ZeRO copies
+        # them into its flat buffers, and the one small tensor it leaves in place (the pos_embed buffer)
+        # would keep the whole mapping, every page of which that copy touched, resident next to the copies
         if path is None:
             model = SD3Transformer2DModel.from_pretrained(
-                self.pretrained, subfolder="transformer", dtype=dtype
+                self.pretrained, subfolder="transformer", dtype=dtype, disable_mmap=True
             )
         else:
-            model = SD3Transformer2DModel.from_pretrained(local_path(path), dtype=dtype)
+            model = SD3Transformer2DModel.from_pretrained(local_path(path), dtype=dtype, disable_mmap=True)
         return model
 
     def sigmas(self, t: Tensor) -> Tensor:

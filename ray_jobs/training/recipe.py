@@ -64,6 +64,7 @@ class WorkerRecipe:
             ds_config,
             patch_deepspeed_for_cpu,
             policy_stage,
+            share_fp32_master,
             size_of,
         )
         from ray_jobs.training.lora import add_lora
@@ -90,6 +91,7 @@ class WorkerRecipe:
             lr_scheduler=scheduler,
             config=ds_config(cfg, self.world, size=self.model_size),
         )
+        share_fp32_master(self.engine)  # fp32 weights: no second fp32 copy of this rank's partition
         if self.world == 1 and policy_stage(cfg, self.world) == 0:
             # one rank has nothing to average: skip DeepSpeed's flatten / all-reduce / copy-back of every
             # gradient after each backward (about 4 % of a CPU step of the benchmark model)
