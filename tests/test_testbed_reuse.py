@@ -66,3 +66,25 @@ def test_fingerprint_holds_the_bytes_of_a_file_an_extra_override_names(tmp_path)
     assert runs.run_fingerprint(cfg, extra) != before
     named.write_text('{"bins": [1.0, 2.0]}')
     assert runs.run_fingerprint(cfg, extra) == before
+
+
+def test_changed_training_code_trains_afresh(tmp_path, fake_training, monkeypatch):
+    """The same config after the training code changed (``code_digest`` differs): trained again."""
+    monkeypatch.setattr(runs, "code_digest", lambda: "before")
+    _train(tmp_path, HP)
+    monkeypatch.setattr(runs, "code_digest", lambda: "after")
+    _train(tmp_path, HP)
+    assert fake_training == [False, False]
+
+
+def test_code_digest_follows_the_sources_only(tmp_path):
+    """A tree with ``prefopt_core/a.py``: editing it changes the digest, adding a non-``.py`` file does not."""
+    for package in runs.TRAINING_CODE:
+        (tmp_path / package).mkdir()
+    source = tmp_path / "prefopt_core" / "a.py"
+    source.write_text("x = 1\n")
+    before = runs.code_digest(tmp_path)
+    (tmp_path / "ray_jobs" / "notes.md").write_text("not code")
+    assert runs.code_digest(tmp_path) == before
+    source.write_text("x = 2\n")
+    assert runs.code_digest(tmp_path) != before

@@ -4,9 +4,10 @@ Every run shares ``configs/demo.yaml`` as the base config, ``<workdir>/mlflow.db
 one Ray session (started once by the caller with ``ray_jobs.cluster.ensure_ray``).
 
 A finished training run is reused: :func:`train` writes its result beside the run (``RESULT_FILE``) with the
-fingerprint of what defined it (the resolved config and the bytes of any file an extra override names, e.g.
-the calibration), and returns it instead of training again while the fingerprint matches. A changed method,
-budget or hyperparameter trains afresh; delete the workdir to retrain everything.
+fingerprint of what defined it (the resolved config, the bytes of any file an extra override names, e.g.
+the calibration, and the source of the packages that train, ``TRAINING_CODE``), and returns it instead of
+training again while the fingerprint matches. A changed method, budget, hyperparameter or training code
+trains afresh; delete the workdir to retrain everything.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 #: A finished run's result and fingerprint, under ``<workdir>/<run name>/``.
 RESULT_FILE = "testbed_result.json"
+#: The packages whose code decides what a training run computes: their ``.py`` sources are fingerprinted.
+TRAINING_CODE = ("prefopt_core", "ray_jobs", "pipelines")
 #: Scorers of every evaluation: the style (adoption, win rate) and the fidelity to the prompt.
 EVAL_SCORERS = "[{name: outline_style}, {name: color_accuracy}, {name: shape_accuracy}]"
 
@@ -197,9 +200,21 @@ def train_config(
     )
 
 
+def code_digest(root: Path = REPO) -> str:
+    """sha256 of every ``.py`` file (path and bytes, in path order) of the ``TRAINING_CODE`` packages."""
+    digest = hashlib.sha256()
+    for package in TRAINING_CODE:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def run_fingerprint(cfg: RunConfig, extra: tuple[str, ...]) -> str:
-    """sha256 of the resolved config and of the bytes of every file an ``extra`` override names."""
+    """sha256 of the resolved config, the training code (:func:`code_digest`) and the bytes of every file an
+    ``extra`` override names."""
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(code_digest().encode())
     for override in extra:
         value = Path(override.partition("=")[2])
         if value.is_file():
