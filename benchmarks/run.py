@@ -991,7 +991,8 @@ def bench_train_overhead(ctx: Context) -> list[Row]:
             "which one worker runs as stage 0 (`policy_stage`); "
             f"`time/step_s` from MLflow (steps after {s.warmup} warm-up) vs the same span in a fresh process; "
             f"worker torch threads {sorted(threads_seen)} vs {ctx.threads}; run wall time incl. start-up "
-            f"{fmt(median(walls))} s for {s.warmup + s.steps} steps; {s.repeats} repeat(s)",
+            f"{fmt(median(walls))} s for {s.warmup + s.steps} steps; {s.repeats} repeat(s), per-repeat ratios "
+            + ", ".join(f"{a / b:.3f}" for a, b in zip(ray_s, bare_s, strict=True)),
         ),
         Row(
             "Model FLOP utilisation of the train step (`prefopt train`)",

@@ -100,6 +100,11 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+def _digits(metric: str) -> int:
+    """Decimals a metric is shown with: KL (~0.01) to 4, the rates and accuracies to 3."""
+    return 4 if metric == "kl" else 3
+
+
 def _metric(stats: dict[str, tuple[float, float]], metric: str) -> tuple[float, float]:
     if metric == "fidelity":  # mean of colour and shape accuracy; std of the mean of two per-seed series
         (c, cs), (s, ss) = stats["color"], stats["shape"]
@@ -115,7 +120,7 @@ def verdict(claim: Claim, stats: dict[str, dict[str, tuple[float, float]]]) -> t
     s = math.sqrt((sx**2 + sy**2) / 2)
     diff = mx - my
     result = "reproduced" if diff > s else "not reproduced" if diff < -s else "inconclusive"
-    d = 4 if claim.metric == "kl" else 3
+    d = _digits(claim.metric)
     numbers = (
         f"{claim.metric}: {claim.better} {mx:.{d}f} ± {sx:.{d}f} vs {claim.worse} {my:.{d}f} ± {sy:.{d}f} "
         f"(difference {diff:+.{d}f}, one std {s:.{d}f})"
@@ -148,7 +153,7 @@ def results_table(
         if m.name not in stats:
             continue
         st = stats[m.name]
-        cells = " | ".join(_cell(st[k], 4 if k == "kl" else 3) for k in METRICS)
+        cells = " | ".join(_cell(st[k], _digits(k)) for k in METRICS)
         lines.append(
             f"| {m.setting}: {SETTING_LABELS[m.setting]} | {m.label} | {cells} | "
             f"{hparam_source.get(m.name, '–')} |"

@@ -135,11 +135,10 @@ def train(
     that finished earlier with the same fingerprint is not trained again (its stored result)."""
     from ray_jobs.training.driver import run_training
 
-    run_name = run_name or f"{method.name}_s{seed}"  # its own workdir: a run resumes from the same name
     cfg = train_config(
         workdir, base_dir, method, seed, budget, hparams=hparams, run_name=run_name, extra=extra
     )
-    result_file = workdir / run_name / RESULT_FILE
+    run_name, result_file = cfg.run.name, cfg.workdir / RESULT_FILE
     fingerprint = run_fingerprint(cfg, extra)
     if result_file.is_file():
         stored = json.loads(result_file.read_text())
@@ -177,7 +176,8 @@ def train_config(
     run_name: str | None = None,
     extra: tuple[str, ...] = (),
 ) -> RunConfig:
-    """The config :func:`train` trains ``method`` with (run name ``<method>_s<seed>`` unless given)."""
+    """The config :func:`train` trains ``method`` with (run name ``<method>_s<seed>`` unless given: its own
+    workdir, so a run resumes from the same name)."""
     hp = hparams or hyperparameters(method)[0]
     return run_config(
         workdir,

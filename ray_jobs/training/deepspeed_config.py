@@ -248,29 +248,31 @@ def share_fp32_master(engine: Any) -> int:
     import torch.distributed as dist
 
     opt = getattr(engine, "optimizer", None)
-    shared = 0
-    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2: (master, this rank's weight partition)
         if getattr(opt, "cpu_offload", False):
             return 0
-        for i, master in enumerate(opt.single_partition_of_fp32_groups):
-            rank = dist.get_rank(group=opt.real_dp_process_group[i])
-            weights = opt.parallel_partitioned_bit16_groups[i][rank]
-            if (weights.dtype, weights.device, weights.shape) == (master.dtype, master.device, master.shape):
-                master.data = weights.data
-                shared += weights.numel()
+        pairs = [
+            (
+                master,
+                opt.parallel_partitioned_bit16_groups[i][dist.get_rank(group=opt.real_dp_process_group[i])],
+            )
+            for i, master in enumerate(opt.single_partition_of_fp32_groups)
+        ]
     elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
         if getattr(opt, "offload_optimizer", False):
             return 0
-        for master, weights in zip(
-            opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat, strict=True
+        pairs = list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat, strict=True))
+    else:
+        return 0
+    shared = 0
+    for master, weights in pairs:
+        if master is not weights and (master.dtype, master.device, master.shape) == (
+            weights.dtype,
+            weights.device,
+            weights.shape,
         ):
-            if master is not weights and (weights.dtype, weights.device, weights.shape) == (
-                master.dtype,
-                master.device,
-                master.shape,
-            ):
-                master.data = weights.data
-                shared += weights.numel()
+            master.data = weights.data
+            shared += weights.numel()
     if shared and hasattr(opt, "_link_all_hp_params"):
         opt._link_all_hp_params()
     return shared
